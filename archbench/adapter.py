@@ -1,0 +1,277 @@
+"""The adapter contract: one model of one family behind one activation interface.
+
+An adapter builds a model sized for a task, trains it into an organism, saves and loads it
+(safetensors + JSON), lists its hook points and runs it with caching and interventions:
+
+    out = adapter.run(tokens, cache=["stream"], interventions={"blocks.0.resid_post": Zero()})
+    out.logits            # (batch, pos, vocab)
+    out.cache[name]       # (batch, pos, *features)
+
+Torch adapters describe each hook point as a `Site` (a module, input or output, which tuple
+element, how to reshape to the canonical axes) and inherit `run`, which registers plain
+`register_forward_hook`s with `prepend=True` (so edits are seen by any hook the wrapped
+library registered itself) and removes them in `finally`, even when the forward raises.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from archbench.hooks import HookSpec, InterventionLike, ROLES
+
+# Capabilities an adapter may declare; techniques list the ones they need.
+CAPABILITIES = {
+    "gradients": "backpropagation from logits to inputs and activations works",
+    "trainable": "archbench can train it from a config",
+    "attention": "attention patterns can be cached",
+    "recurrent_state": "per-step recurrent state is a hook point",
+    "router": "expert routing is a hook point",
+    "readout": "the final readout can decode an intermediate stream activation (decode())",
+}
+
+
+@dataclass
+class Site:
+    """Where a hook point lives in a torch module tree.
+
+    `where="output"` hooks the module's output, `"input"` its first positional input.
+    `index` picks one element of a tuple output. `to_canonical` maps the raw tensor to axes
+    (batch, pos, *features) and `from_canonical` maps an edited tensor back.
+    """
+
+    module: nn.Module
+    where: str = "output"
+    index: int | None = None
+    to_canonical: Callable[[torch.Tensor], torch.Tensor] | None = None
+    from_canonical: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class RunOutput:
+    logits: torch.Tensor  # (batch, pos, vocab)
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (batch, pos, *features)
+
+
+@dataclass
+class TrainReport:
+    accuracy: float  # held-out (test split) accuracy of the answer at the last position
+    steps: int
+    seconds: float
+    train_accuracy: float
+    history: list[dict] = field(default_factory=list)
+
+
+class Adapter(abc.ABC):
+    """Base class. Subclasses set `family`, `capabilities`, `default_config`, and implement
+    `build_model`, `forward`, `hook_points` and `sites`."""
+
+    family: ClassVar[str]
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    default_config: ClassVar[dict[str, Any]] = {}
+    # Training knobs; `task_train_config[task_name]` overrides per task.
+    train_config: ClassVar[dict[str, Any]] = {
+        "steps": 2000, "batch": 128, "lr": 3e-3, "weight_decay": 0.01, "n_train": 8192,
+        "eval_every": 100, "target": 0.99,
+    }
+    task_train_config: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, model: nn.Module, config: dict[str, Any]):
+        self.model = model
+        self.config = dict(config)
+        self.model.eval()
+        self._specs: dict[str, HookSpec] | None = None
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def build(cls, vocab_size: int, seq_len: int, seed: int, **overrides: Any) -> "Adapter":
+        """A random-init model sized for a task's vocabulary and length (deterministic in seed)."""
+        config = {**cls.default_config, **overrides, "vocab_size": vocab_size, "seq_len": seq_len}
+        torch.manual_seed(seed)
+        return cls(cls.build_model(config), config)
+
+    @classmethod
+    def for_task(cls, task, seed: int, **overrides: Any) -> "Adapter":
+        return cls.build(task.vocab_size, task.seq_len, seed, **overrides)
+
+    @classmethod
+    @abc.abstractmethod
+    def build_model(cls, config: dict[str, Any]) -> nn.Module:
+        """The wrapped model, freshly initialised from a config."""
+
+    # ---- forward and hooks -------------------------------------------------------------
+    @abc.abstractmethod
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The wrapped model's own forward: (batch, pos) long -> logits (batch, pos, vocab)."""
+
+    @abc.abstractmethod
+    def hook_points(self) -> list[HookSpec]:
+        """Every hook point, in depth order."""
+
+    @abc.abstractmethod
+    def sites(self) -> dict[str, Site]:
+        """name -> Site for every hook point."""
+
+    def decode(self, stream: torch.Tensor) -> torch.Tensor:
+        """Apply the final readout to a stream activation: (batch, pos, d) -> (batch, pos, vocab)."""
+        raise NotImplementedError(f"{self.family} has no readout usable on intermediate sites")
+
+    @property
+    def specs(self) -> dict[str, HookSpec]:
+        if self._specs is None:
+            self._specs = {s.name: s for s in self.hook_points()}
+        return self._specs
+
+    def names(self, names_or_roles: Iterable[str] | str | None) -> list[str]:
+        """Resolve hook names and/or roles (e.g. "stream") into hook names, in depth order."""
+        if names_or_roles is None:
+            return []
+        if isinstance(names_or_roles, str):
+            names_or_roles = [names_or_roles]
+        wanted = set(names_or_roles)
+        unknown = wanted - set(self.specs) - set(ROLES) - {"all"}
+        if unknown:
+            raise KeyError(f"{self.family} has no hook point or role {sorted(unknown)}")
+        return [n for n, s in self.specs.items() if "all" in wanted or n in wanted or s.role in wanted]
+
+    def run(self, tokens: torch.Tensor, cache: Iterable[str] | str | None = None,
+            interventions: Mapping[str, InterventionLike] | None = None,
+            grad: bool = False) -> RunOutput:
+        """Forward with activations cached (after any intervention) and interventions applied.
+
+        `cache` takes hook names and/or roles. With no cache and no interventions this is
+        exactly `forward(tokens)`. Gradients flow only when `grad=True`.
+        """
+        cache_names = set(self.names(cache))
+        interventions = dict(interventions or {})
+        missing = set(interventions) - set(self.specs)
+        if missing:
+            raise KeyError(f"{self.family} has no hook point {sorted(missing)}")
+        store: dict[str, torch.Tensor] = {}
+        sites = self.sites()
+        handles = []
+        try:
+            for name in cache_names | set(interventions):
+                handles.append(self._attach(sites[name], self.specs[name],
+                                            interventions.get(name), store if name in cache_names else None,
+                                            grad))
+            with torch.set_grad_enabled(grad):
+                logits = self.forward(tokens)
+        finally:
+            for h in handles:
+                h.remove()
+        return RunOutput(logits=logits, cache={n: store[n] for n in self.names(cache) if n in store})
+
+    @staticmethod
+    def _attach(site: Site, spec: HookSpec, intervention, store, grad: bool):
+        to_c = site.to_canonical or (lambda t: t)
+        from_c = site.from_canonical or (lambda t: t)
+
+        def edit(raw: torch.Tensor) -> torch.Tensor | None:
+            act = to_c(raw)
+            changed = None
+            if intervention is not None:
+                act = intervention(act, spec)
+                changed = from_c(act)
+            if store is not None:
+                store[spec.name] = act if grad else act.detach()
+            return changed
+
+        def replace(container, new):
+            if site.index is None:
+                return new
+            items = list(container)
+            items[site.index] = new
+            return type(container)(items) if isinstance(container, tuple) else items
+
+        if site.where == "input":
+            def pre_hook(module, args, kwargs):
+                new = edit(args[0])
+                if new is None:
+                    return None
+                return (new, *args[1:]), kwargs
+            return site.module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
+
+        def hook(module, args, output):
+            raw = output if site.index is None else output[site.index]
+            new = edit(raw)
+            return None if new is None else replace(output, new)
+        return site.module.register_forward_hook(hook, prepend=True)
+
+    # ---- training ----------------------------------------------------------------------
+    def fit(self, task, seed: int, **overrides: Any) -> TrainReport:
+        """Train on the task's train split (answer at the last position) with AdamW.
+
+        Early stopping reads a validation set drawn from the train split; the reported
+        accuracy is on the test split, which training never sees.
+        """
+        cfg = {**self.train_config, **self.task_train_config.get(task.name, {}), **overrides}
+        gen = torch.Generator().manual_seed(seed)
+        train = task.sample(cfg["n_train"], seed, "train")
+        val = task.sample(512, seed + 10_000, "train")
+        test = task.sample(1024, seed, "test")
+        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=cfg["steps"],
+                                                    pct_start=0.1)
+        start, history, step = time.perf_counter(), [], 0
+        self.model.train()
+        for step in range(1, cfg["steps"] + 1):
+            idx = torch.randint(len(train), (cfg["batch"],), generator=gen)  # (batch,)
+            logits = self.forward(train.tokens[idx])[:, -1]  # (batch, vocab)
+            loss = nn.functional.cross_entropy(logits, train.answer[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
+                acc = self.accuracy(val)
+                history.append({"step": step, "loss": loss.item(), "val_accuracy": acc})
+                self.model.train()
+                if acc >= cfg["target"]:
+                    break
+        self.model.eval()
+        return TrainReport(accuracy=self.accuracy(test), steps=step,
+                           seconds=time.perf_counter() - start,
+                           train_accuracy=self.accuracy(task.sample(1024, seed, "train")),
+                           history=history)
+
+    @torch.no_grad()
+    def accuracy(self, examples) -> float:
+        self.model.eval()
+        pred = self.predict(examples.tokens)
+        return float((pred == examples.answer).float().mean())
+
+    @torch.no_grad()
+    def predict(self, tokens: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+        """Argmax answer at the last position: (n, T) -> (n,)."""
+        return torch.cat([self.forward(tokens[i:i + batch])[:, -1].argmax(-1)
+                          for i in range(0, len(tokens), batch)])
+
+    # ---- persistence -------------------------------------------------------------------
+    def save(self, path: str | Path, meta: dict | None = None) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().clone() for k, v in self.model.state_dict().items()}
+        save_file(state, str(path / "model.safetensors"))
+        (path / "adapter.json").write_text(json.dumps(
+            {"family": self.family, "config": self.config, "meta": meta or {}}, indent=1, default=str))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Adapter":
+        """Load an organism saved by `save` (weights through safetensors only)."""
+        path = Path(path)
+        info = json.loads((path / "adapter.json").read_text())
+        if info.get("family") != cls.family:
+            raise ValueError(f"{path} holds a {info.get('family')!r} organism, not {cls.family!r}")
+        adapter = cls(cls.build_model(info["config"]), info["config"])
+        adapter.model.load_state_dict(load_file(str(path / "model.safetensors")))
+        adapter.model.eval()
+        return adapter

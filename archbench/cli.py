@@ -1,0 +1,222 @@
+"""The `archbench` command line: list, inspect, run --matrix, report, zoo.
+
+Examples:
+  archbench list adapters
+  archbench inspect transformer --task recall
+  archbench run --matrix --quick --results results/
+  archbench run --matrix --arch transformer --technique probe --task modadd,count --seeds 3
+  archbench report --results results/
+  archbench zoo build --arch transformer --task modadd --seeds 2
+
+Bad input (an unknown name, a bad flag value, an unreadable results directory) prints one
+line that says what to fix and exits with status 2; nothing already computed is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+from pathlib import Path
+
+from archbench import registry
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _names(kind: str, value: str | None) -> list[str]:
+    if not value:
+        return registry.names(kind)
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"--{kind[:-1]} needs at least one name")
+    for n in names:
+        try:
+            registry.resolve(kind, n)
+        except registry.UnknownName as exc:
+            raise UsageError(str(exc)) from None
+    return names
+
+
+def _results_dir(value: str, must_exist: bool = False) -> Path:
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--results {value} is a file; give a directory")
+    if must_exist and not (path / "archbench.db").exists():
+        raise UsageError(f"no results store in {value}; run `archbench run --matrix --results {value}` first")
+    return path
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}") from None
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
+    return x
+
+
+def cmd_list(args) -> int:
+    kinds = [args.kind] if args.kind else ["adapters", "techniques", "tasks"]
+    for kind in kinds:
+        print(f"{kind}:")
+        for name in registry.names(kind):
+            obj = registry.get(kind, name)
+            doc = (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+            mod = sys.modules.get(obj.__module__)
+            doc = doc or ((mod.__doc__ or "").strip().splitlines()[0] if mod and mod.__doc__ else "")
+            print(f"  {name:<14} {doc}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    arch = _names("adapters", args.arch)[0]
+    task = registry.task(_names("tasks", args.task)[0])
+    adapter = registry.adapter(arch).for_task(task, seed=0)
+    import torch
+
+    out = adapter.run(task.sample(2, 0).tokens, cache="all")
+    print(f"{arch} on {task.name} (vocab {task.vocab_size}, length {task.seq_len}); "
+          f"capabilities: {', '.join(sorted(adapter.capabilities))}")
+    print(f"{'hook point':<32} {'role':<13} {'axes':<44} shape")
+    for spec in adapter.hook_points():
+        shape = tuple(out.cache[spec.name].shape) if spec.name in out.cache else "-"
+        print(f"{spec.name:<32} {spec.role:<13} {', '.join(spec.axes):<44} {shape}")
+    del torch
+    return 0
+
+
+def cmd_run(args) -> int:
+    from archbench import report, runner
+
+    if not args.matrix:
+        raise UsageError("say what to run: `archbench run --matrix` (filters: --arch, --technique, --task)")
+    archs = _names("adapters", args.arch)
+    techniques = _names("techniques", args.technique)
+    tasks = _names("tasks", args.task)
+    n_seeds = args.seeds or (runner.QUICK_SEEDS if args.quick else runner.DEFAULT_SEEDS)
+    results = _results_dir(args.results)
+    specs = runner.expand(archs, techniques, tasks, range(n_seeds))
+    summary = runner.run_matrix(specs, results, workers=args.workers, gate=args.gate,
+                                executor=args.executor, progress=not args.no_progress)
+    board = report.write(results)
+    print(f"{summary.total} cells: {summary.skipped} already done, {summary.ok} ok, {summary.na} n/a, "
+          f"{summary.error} errors in {summary.seconds:.1f} s; leaderboard: {board}")
+    for line in summary.errors or []:
+        print(f"  error: {line}", file=sys.stderr)
+    return 1 if summary.error else 0
+
+
+def cmd_report(args) -> int:
+    from archbench import report
+
+    print(report.write(_results_dir(args.results, must_exist=True)))
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    from archbench import runner, zoo
+
+    if args.action == "ls":
+        for row in zoo.list_organisms():
+            print(f"{row['arch']:<12} {row['task']:<8} seed {row['seed']:<3} accuracy {row['accuracy']:.3f} "
+                  f"steps {row['steps']:<5} {row['seconds']:.1f} s  {row['path']}")
+        return 0
+    archs, tasks = _names("adapters", args.arch), _names("tasks", args.task)
+    calls = [(a, k, s, args.gate) for a in archs for k in tasks for s in range(args.seeds)]
+
+    def done(call, out):
+        if out["ok"]:
+            m = out["meta"]
+            print(f"{m['arch']:<12} {m['task']:<8} seed {m['seed']:<3} accuracy {m['accuracy']:.3f} "
+                  f"{'gate: ' + out['gate'] if out['gate'] else 'passes gate'}")
+        else:
+            print(f"{call[:3]}: error {out['error'].strip().splitlines()[-1]}", file=sys.stderr)
+
+    runner.LocalExecutor(args.workers or 1).map(runner.train_organism, calls, done)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="archbench", description=__doc__.split("\n\n")[0],
+                epilog="\n".join(__doc__.split("\n\n")[1].splitlines()[1:]),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("list", help="list adapters, techniques or tasks")
+    s.add_argument("kind", nargs="?", choices=["adapters", "techniques", "tasks"])
+    s.set_defaults(fn=cmd_list)
+
+    s = sub.add_parser("inspect", help="the hook points of an architecture (names, roles, axes, shapes)")
+    s.add_argument("arch")
+    s.add_argument("--task", default="recall", help="task that sizes the model (default: recall)")
+    s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("run", help="run the matrix (skips cells already in the store)",
+                       epilog="example: archbench run --matrix --quick --arch transformer --results R")
+    s.add_argument("--matrix", action="store_true", help="every technique x architecture x task x seed")
+    s.add_argument("--arch", help="comma-separated adapters (default: all)")
+    s.add_argument("--technique", help="comma-separated techniques (default: all)")
+    s.add_argument("--task", help="comma-separated tasks (default: all)")
+    s.add_argument("--seeds", type=_positive, help=f"number of seeds (default 5; 2 with --quick)")
+    s.add_argument("--quick", action="store_true", help="fewer seeds: a smoke-test matrix in minutes")
+    s.add_argument("--workers", type=_positive, help="worker processes (default: number of cores)")
+    s.add_argument("--executor", choices=["local"], default="local")
+    s.add_argument("--gate", type=_fraction, default=0.9, help="held-out accuracy an organism needs (default 0.9)")
+    s.add_argument("--results", default="results", help="results directory (default: results)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("report", help="write LEADERBOARD.md from the store (recomputes nothing)")
+    s.add_argument("--results", default="results")
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("zoo", help="train organisms into the cache, or list the cache")
+    s.add_argument("action", choices=["build", "ls"])
+    s.add_argument("--arch")
+    s.add_argument("--task")
+    s.add_argument("--seeds", type=_positive, default=1)
+    s.add_argument("--workers", type=_positive)
+    s.add_argument("--gate", type=_fraction, default=0.9)
+    s.set_defaults(fn=cmd_zoo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.fn(args)
+    except UsageError as exc:
+        print(f"archbench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except sqlite3.DatabaseError as exc:
+        print(f"archbench: error: the results store is unreadable ({exc}); point --results at another "
+              f"directory or move the damaged archbench.db away", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("archbench: interrupted; finished cells are saved, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

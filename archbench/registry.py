@@ -1,0 +1,121 @@
+"""The registry: names -> adapters, techniques and tasks, loaded lazily.
+
+Built-ins are listed once, as "module:attr" strings loaded on first use (as in
+lm-evaluation-harness's registry). Third parties register through the entry-point groups
+`archbench.adapters`, `archbench.techniques` and `archbench.tasks`; a plugin that fails to
+load warns and is skipped. Unknown names raise `UnknownName` with a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import warnings
+from importlib.metadata import entry_points
+from typing import Any
+
+from archbench.tasks import BUILTIN_TASKS
+
+BUILTINS: dict[str, dict[str, str]] = {
+    "adapters": {
+        "transformer": "archbench.adapters.transformer:TransformerAdapter",
+    },
+    "techniques": {
+        "probe": "archbench.techniques.probe:Probe",
+        "patching": "archbench.techniques.patching:Patching",
+    },
+    "tasks": dict(BUILTIN_TASKS),
+}
+
+_extra: dict[str, dict[str, Any]] = {kind: {} for kind in BUILTINS}
+_plugins_loaded = False
+
+
+class UnknownName(KeyError):
+    """An adapter, technique or task name that is not registered."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def register(kind: str, name: str, target: Any) -> None:
+    """Register `target` (a class or a "module:attr" string) under `name`.
+
+    Registering the same target twice is allowed (a module imported twice under two paths);
+    registering a different target under a taken name raises.
+    """
+    table = _table(kind)
+    if name in table and _qualname(table[name]) != _qualname(target):
+        raise ValueError(f"{kind[:-1]} {name!r} is already registered as {_qualname(table[name])}")
+    _extra[kind][name] = target
+
+
+def _qualname(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    return f"{target.__module__}:{target.__qualname__}"
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for kind in BUILTINS:
+        for ep in entry_points(group=f"archbench.{kind}"):
+            try:
+                register(kind, ep.name, ep.value)
+            except Exception as exc:  # a broken plugin must not break archbench
+                warnings.warn(f"archbench: skipping plugin {ep.name!r} ({ep.value}): {exc}")
+
+
+def _table(kind: str) -> dict[str, Any]:
+    if kind not in BUILTINS:
+        raise ValueError(f"kind must be one of {sorted(BUILTINS)}")
+    return {**BUILTINS[kind], **_extra[kind]}
+
+
+def names(kind: str) -> list[str]:
+    _load_plugins()
+    return sorted(_table(kind))
+
+
+def resolve(kind: str, name: str) -> str:
+    """Check a name exists; raise UnknownName with a suggestion if not."""
+    _load_plugins()
+    table = _table(kind)
+    if name not in table:
+        close = difflib.get_close_matches(name, table, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(table))}"
+        raise UnknownName(f"unknown {kind[:-1]} {name!r}{hint}")
+    return name
+
+
+def get(kind: str, name: str) -> Any:
+    """The registered class for `name`, importing its module on first use."""
+    target = _table(kind)[resolve(kind, name)]
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        try:
+            obj = importlib.import_module(module)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except Exception as exc:
+            if name in BUILTINS[kind]:
+                raise
+            raise ImportError(f"plugin {kind[:-1]} {name!r} ({target}) failed to load: {exc}") from exc
+        return obj
+    return target
+
+
+def adapter(name: str):
+    return get("adapters", name)
+
+
+def technique(name: str):
+    return get("techniques", name)
+
+
+def task(name: str, **knobs):
+    """A task instance with its default knobs (or the given ones)."""
+    return get("tasks", name)(**knobs)

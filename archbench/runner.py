@@ -1,0 +1,162 @@
+"""The matrix runner: expand techniques x architectures x tasks x seeds into cells and run them.
+
+Every (technique, arch, task, seed) becomes two cells, the trained organism and its
+random-init control. The run has two phases so that no organism is trained twice: first
+each needed organism is trained (or read from the zoo) and gated, then every cell runs.
+Both phases go through an executor (`local`: a process pool with one torch thread per
+worker, the fastest layout for tiny models on a few cores). Each cell is isolated: an
+exception becomes an `error` row with its traceback and the sweep goes on. The driver alone
+writes the store, one transaction per finished cell, so a killed run resumes where it
+stopped; finished cells are skipped on rerun (as in HELM's runner).
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import resource
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from archbench import registry, zoo
+from archbench.store import RunSpec, Store
+
+QUICK_SEEDS = 2
+DEFAULT_SEEDS = 5
+
+
+def expand(archs: Iterable[str], techniques: Iterable[str], tasks: Iterable[str],
+           seeds: Iterable[int]) -> list[RunSpec]:
+    """Every cell of the matrix, trained and control, in a stable order."""
+    return [RunSpec(t, a, k, s, control)
+            for a, k, s, t, control in itertools.product(archs, tasks, seeds, techniques, (False, True))]
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train_organism(arch: str, task_name: str, seed: int, gate: float) -> dict[str, Any]:
+    """Phase 1 (in a worker): train or load one organism; return its metadata and gate."""
+    try:
+        task = registry.task(task_name)
+        _, meta = zoo.organism(arch, task, seed)
+        return {"ok": True, "meta": meta, "gate": zoo.gate_reason(meta, gate)}
+    except Exception:
+        return {"ok": False, "error": traceback.format_exc()}
+
+
+def run_cell(spec: RunSpec, gate: float) -> dict[str, Any]:
+    """Phase 2 (in a worker): one technique on one organism or control; never raises."""
+    start = time.perf_counter()
+    try:
+        task = registry.task(spec.task)
+        trained, meta = zoo.organism(spec.arch, task, spec.seed)
+        row: dict[str, Any] = {"organism_accuracy": meta["accuracy"]}
+        reason = zoo.gate_reason(meta, gate)
+        if reason:
+            row |= {"status": "n/a", "reason": f"gate failed: {reason}"}
+        else:
+            adapter = zoo.control(spec.arch, task, spec.seed) if spec.control else trained
+            result = registry.technique(spec.technique)()(adapter, task, spec.seed)
+            if result.applicable:
+                row |= {"status": "ok", "score": result.score, "per_example": result.per_example,
+                        "metrics": result.metrics, "details": result.details}
+            else:
+                row |= {"status": "n/a", "reason": result.reason}
+    except Exception:
+        row = {"status": "error", "error": traceback.format_exc()}
+    return row | {"wall_s": time.perf_counter() - start, "peak_mem_mb": _peak_mb()}
+
+
+class LocalExecutor:
+    """A process pool (or the calling process when workers == 1), one torch thread each."""
+
+    def __init__(self, workers: int):
+        self.workers = max(1, workers)
+
+    def map(self, fn: Callable, calls: list[tuple], on_done: Callable[[tuple, Any], None]) -> None:
+        if self.workers == 1 or len(calls) <= 1:
+            _init_worker()
+            for args in calls:
+                on_done(args, fn(*args))
+            return
+        ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
+        with ProcessPoolExecutor(min(self.workers, len(calls)), mp_context=ctx,
+                                 initializer=_init_worker) as pool:
+            futures = {pool.submit(fn, *args): args for args in calls}
+            for future in as_completed(futures):
+                on_done(futures[future], future.result())
+
+
+EXECUTORS = {"local": LocalExecutor}
+
+
+@dataclass
+class RunSummary:
+    total: int
+    skipped: int
+    ok: int = 0
+    na: int = 0
+    error: int = 0
+    seconds: float = 0.0
+    errors: list[str] | None = None
+
+
+def run_matrix(specs: list[RunSpec], results_dir, workers: int | None = None, gate: float = zoo.DEFAULT_GATE,
+               executor: str = "local", progress: bool = True) -> RunSummary:
+    """Run every cell not already in the store; return counts. Errors are collected, not raised."""
+    start = time.perf_counter()
+    workers = workers or os.cpu_count() or 1
+    with Store(results_dir) as store:
+        done = store.done_keys()
+        todo = [s for s in specs if s.key() not in done]
+        summary = RunSummary(total=len(specs), skipped=len(specs) - len(todo), errors=[])
+        if not todo:
+            return summary
+        pool = EXECUTORS[executor](workers)
+        bar = _progress(len(todo), progress)
+
+        organisms = sorted({(s.arch, s.task, s.seed) for s in todo})
+        missing = [o for o in organisms if zoo.cached_meta(o[0], registry.task(o[1]), o[2]) is None]
+        bar.set_description(f"training {len(missing)} organisms")
+
+        def organism_done(args, out):
+            if out["ok"]:
+                store.put_organism(out["meta"], out["gate"])
+            else:
+                summary.errors.append(f"organism {args[:3]}: {out['error'].splitlines()[-1]}")
+
+        pool.map(train_organism, [(*o, gate) for o in organisms], organism_done)
+
+        bar.set_description("cells")
+
+        def cell_done(args, row):
+            spec = args[0]
+            store.put_cell(spec, row)
+            key = {"ok": "ok", "n/a": "na", "error": "error"}[row["status"]]
+            setattr(summary, key, getattr(summary, key) + 1)
+            if row["status"] == "error":
+                summary.errors.append(f"{spec.label()}: {row['error'].strip().splitlines()[-1]}")
+            bar.update(1)
+
+        pool.map(run_cell, [(s, gate) for s in todo], cell_done)
+        bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="cell", dynamic_ncols=True)

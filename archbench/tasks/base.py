@@ -1,0 +1,159 @@
+"""The task contract: generators of examples whose mechanism-relevant variables are known.
+
+A task yields token sequences whose answer sits at the last position, the named latent
+variables the mechanism must compute, a relevance mask over input positions, and
+counterfactual pairs (base, source, the answer expected if the primary variable of source
+were placed into base). Everything is deterministic given a seed, and the train and test
+splits never share an input sequence. See DESIGN.md section 4 and docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Examples:
+    """A batch of task examples. The answer is read from the logits at the last position."""
+
+    tokens: torch.Tensor  # (n, T) long
+    answer: torch.Tensor  # (n,) long, a token id of the task's vocabulary
+    latents: dict[str, torch.Tensor]  # name -> (n,) or (n, T) long: per example or per position
+    relevant: torch.Tensor  # (n, T) bool: input positions the answer depends on
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+@dataclass(frozen=True)
+class Counterfactuals:
+    """Interchange pairs: put `variable` of `source` into `base`, expect `expected`."""
+
+    base: torch.Tensor  # (n, T) long
+    source: torch.Tensor  # (n, T) long
+    base_answer: torch.Tensor  # (n,) long
+    expected: torch.Tensor  # (n,) long: answer of base with source's value of `variable`
+    variable: str
+    changed_positions: torch.Tensor = field(default=None)  # (n, T) bool: where base != source
+
+    def __len__(self) -> int:
+        return self.base.shape[0]
+
+
+class Task(abc.ABC):
+    """A model system with known ground truth.
+
+    Subclasses set `name`, `primary` (the latent the model must compute to answer),
+    `vocab_size`, `seq_len`, and implement `rule`, `_random_inputs`, `_latents`,
+    `_relevant` and `_counterfactual_source`.
+    """
+
+    name: ClassVar[str]
+    primary: ClassVar[str]
+    description: ClassVar[str] = ""
+    test_fraction: ClassVar[float] = 0.2
+
+    vocab_size: int
+    seq_len: int
+
+    # --- the ground truth -------------------------------------------------------------
+    @abc.abstractmethod
+    def rule(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The answer the task's rule gives for each sequence: (n, T) -> (n,)."""
+
+    @abc.abstractmethod
+    def _random_inputs(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n input sequences drawn from the task's distribution: (n, T) int."""
+
+    @abc.abstractmethod
+    def latents(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named latent variables computed from the inputs by the task's rule."""
+
+    @abc.abstractmethod
+    def relevance(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n, T) bool mask of the input positions the answer depends on."""
+
+    @abc.abstractmethod
+    def _counterfactual_source(self, rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
+        """A source sequence per base that differs in the primary variable: (n, T) int."""
+
+    # --- shared machinery --------------------------------------------------------------
+    def in_test_split(self, tokens: np.ndarray) -> np.ndarray:
+        """(n,) bool: a sequence's split is a pure function of its content (a stable hash)."""
+        out = np.empty(len(tokens), dtype=bool)
+        for i, row in enumerate(np.asarray(tokens, dtype=np.int64)):
+            digest = hashlib.blake2b(row.tobytes(), digest_size=8).digest()
+            out[i] = int.from_bytes(digest, "little") / 2**64 < self.test_fraction
+        return out
+
+    def _draw(self, rng: np.random.Generator, n: int, split: str) -> np.ndarray:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+        want_test = split == "test"
+        rows: list[np.ndarray] = []
+        have = 0
+        while have < n:
+            batch = self._random_inputs(rng, max(64, 2 * (n - have)))
+            keep = batch[self.in_test_split(batch) == want_test]
+            rows.append(keep)
+            have += len(keep)
+        return np.concatenate(rows)[:n]
+
+    def sample(self, n: int, seed: int, split: str = "train") -> Examples:
+        """n examples of one split, deterministic in (task config, seed, split)."""
+        rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+        tokens = torch.as_tensor(self._draw(rng, n, split), dtype=torch.long)  # (n, T)
+        return Examples(tokens=tokens, answer=self.rule(tokens), latents=self.latents(tokens),
+                        relevant=self.relevance(tokens))
+
+    def counterfactuals(self, n: int, seed: int, split: str = "test") -> Counterfactuals:
+        """n interchange pairs on the primary variable; base and source both in `split`."""
+        rng = np.random.default_rng([seed, 2 if split == "train" else 3])
+        bases, sources = [], []
+        have = 0
+        while have < n:
+            base = self._draw(rng, n - have, split)
+            source = self._counterfactual_source(rng, base)
+            keep = self.in_test_split(source) == (split == "test")
+            bases.append(base[keep])
+            sources.append(source[keep])
+            have += int(keep.sum())
+        base_t = torch.as_tensor(np.concatenate(bases)[:n], dtype=torch.long)
+        source_t = torch.as_tensor(np.concatenate(sources)[:n], dtype=torch.long)
+        return Counterfactuals(base=base_t, source=source_t, base_answer=self.rule(base_t),
+                               expected=self.interchange(base_t, source_t),
+                               variable=self.primary, changed_positions=base_t != source_t)
+
+    def interchange(self, base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """The answer base would have with source's value of the primary variable: (n,).
+
+        Every built-in source differs from its base only in inputs that feed the primary
+        variable, so this is the rule applied to the source; a task whose sources differ
+        elsewhere overrides it.
+        """
+        return self.rule(source)
+
+    @property
+    def primary_position(self) -> int:
+        """Where the primary variable is needed: the answer position."""
+        return self.seq_len - 1
+
+    def to_dataset(self, n: int, seed: int, split: str = "train"):
+        """The examples as a `datasets.Dataset` (one row per example)."""
+        import datasets
+
+        ex = self.sample(n, seed, split)
+        columns = {"tokens": ex.tokens.tolist(), "answer": ex.answer.tolist(),
+                   "relevant": ex.relevant.tolist()}
+        columns.update({f"latent_{k}": v.tolist() for k, v in ex.latents.items()})
+        return datasets.Dataset.from_dict(columns)
+
+    def config(self) -> dict:
+        """The knobs that define this task instance (part of every organism's identity)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}

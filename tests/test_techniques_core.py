@@ -1,0 +1,186 @@
+"""Known-answer tests for the core techniques (probe, patching) on hand-built models.
+
+`HandBuilt` solves modular addition by construction: its embed site is the one-hot input,
+its block-0 stream is input-independent noise that nothing reads, and its block-1 stream
+holds a one-hot of (a + b) mod p at the last position only, computed from the embed site;
+the logits read the block-1 stream. So the sum lives at (blocks.1.out, last position) and
+(through the input) at (embed, position of a); nowhere else. With `ignore=True` the model
+ignores its input altogether.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from archbench.adapter import Adapter, Site
+from archbench.hooks import HookPoint, HookSpec
+from archbench.tasks.modadd import ModAdd
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(module: str, path: str):
+    """`archbench.<module>` when archbench is installed, else the file itself."""
+    try:
+        return importlib.import_module(f"archbench.{module}")
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(f"_core_{module.replace('.', '_')}", ROOT / path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+
+Probe = _load("techniques.probe", "techniques/probe.py").Probe
+Patching = _load("techniques.patching", "techniques/patching.py").Patching
+TransformerAdapter = _load("adapters.transformer", "adapters/transformer.py").TransformerAdapter
+
+D = ("batch", "pos", "d")
+FAST_PROBE = {"n_train": 512, "n_test": 256}
+
+
+class _SumModel(nn.Module):
+    def __init__(self, vocab_size: int, ignore: bool):
+        super().__init__()
+        self.vocab, self.p, self.ignore = vocab_size, vocab_size - 1, ignore
+        self.hook_embed, self.hook_s0, self.hook_s1 = HookPoint(), HookPoint(), HookPoint()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, T = tokens.shape
+        e = self.hook_embed(F.one_hot(tokens, self.vocab).float())  # (B, T, V)
+        self.hook_s0(torch.randn(B, T, self.vocab))  # (B, T, V) noise, read by nothing
+        s1 = torch.zeros(B, T, self.vocab)  # (B, T, V)
+        if not self.ignore:
+            total = (e[:, 0].argmax(-1) + e[:, 1].argmax(-1)) % self.p  # (B,)
+            s1[:, -1] = F.one_hot(total, self.vocab).float()
+        s1 = self.hook_s1(s1)  # (B, T, V)
+        return 10.0 * s1 + torch.linspace(0.1, 0.0, self.vocab)  # (B, T, V) ties go to token 0
+
+
+class HandBuilt(Adapter):
+    family = "handbuilt"
+    default_config = {"ignore": False}
+
+    @classmethod
+    def build_model(cls, config):
+        return _SumModel(config["vocab_size"], config["ignore"])
+
+    def forward(self, tokens):
+        return self.model(tokens)
+
+    def hook_points(self):
+        return [HookSpec("embed", "embed", D, layer=0), HookSpec("blocks.0.out", "stream", D, layer=1),
+                HookSpec("blocks.1.out", "stream", D, layer=2)]
+
+    def sites(self):
+        m = self.model
+        return {"embed": Site(m.hook_embed), "blocks.0.out": Site(m.hook_s0),
+                "blocks.1.out": Site(m.hook_s1)}
+
+
+class HalfNullModAdd(ModAdd):
+    """ModAdd whose even counterfactual pairs expect the base answer (so must be dropped)."""
+
+    def interchange(self, base, source):
+        expected = self.rule(source).clone()  # (n,)
+        expected[::2] = self.rule(base)[::2]
+        return expected
+
+
+@pytest.fixture(scope="module")
+def task():
+    return ModAdd(p=23)
+
+
+def _by_site(result, key):
+    return {d["site"]: d[key] for d in result.details}
+
+
+def _in_unit(result):
+    assert result.applicable and isinstance(result.score, float) and 0.0 <= result.score <= 1.0
+
+
+def test_probe_finds_the_site_where_the_sum_lives(task):
+    torch.manual_seed(0)
+    r = Probe(**FAST_PROBE)(HandBuilt.for_task(task, 0), task, 0)
+    _in_unit(r)
+    norm = _by_site(r, "normalised")
+    assert norm["blocks.1.out"] > 0.97
+    assert abs(norm["blocks.0.out"]) < 0.1 and abs(norm["embed"]) < 0.1  # noise; constant "=" token
+    assert r.metrics["best_site"] == "blocks.1.out" and r.metrics["best_layer"] == 2
+    assert r.score == pytest.approx(norm["blocks.1.out"])
+    assert len(r.per_example) == FAST_PROBE["n_test"]
+    assert sum(r.per_example) / len(r.per_example) == pytest.approx(norm["blocks.1.out"])
+    assert 0 <= r.metrics["majority_baseline"] < 0.2
+
+
+def test_probe_counts_unseen_test_labels_as_errors(task):
+    class Relabelled(ModAdd):
+        def sample(self, n, seed, split="train"):
+            ex = super().sample(n, seed, split)
+            if split == "test":
+                ex.latents["sum"][::2] = 99  # a class the train split never shows
+            return ex
+
+    torch.manual_seed(0)
+    r = Probe(**FAST_PROBE)(HandBuilt.for_task(task, 0), Relabelled(p=23), 0)
+    assert _by_site(r, "accuracy")["blocks.1.out"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_patching_localises_the_sum(task):
+    torch.manual_seed(0)
+    r = Patching(n_pairs=128)(HandBuilt.for_task(task, 0), task, 0)
+    _in_unit(r)
+    iia = {(d["site"], d["position"]): d["iia"] for d in r.details}
+    assert len(iia) == 3 * task.seq_len
+    assert iia[("blocks.1.out", 2)] == 1.0 and iia[("embed", 0)] == 1.0  # a's input, the answer site
+    assert iia[("embed", 1)] == 0.0 and iia[("embed", 2)] == 0.0  # b and "=" do not differ
+    assert iia[("blocks.1.out", 0)] == 0.0 and iia[("blocks.1.out", 1)] == 0.0
+    assert max(iia[("blocks.0.out", p)] for p in range(3)) == 0.0  # noise nothing reads
+    assert r.score == 1.0 and r.per_example == [1.0] * 128
+    assert r.metrics["n_pairs_used"] == 128 and r.metrics["last_stream_last_position_iia"] == 1.0
+
+
+def test_patching_drops_pairs_that_cannot_show_an_effect():
+    torch.manual_seed(0)
+    task = HalfNullModAdd(p=23)
+    r = Patching(n_pairs=64)(HandBuilt.for_task(task, 0), task, 0)
+    assert r.metrics["n_pairs_used"] == 32 and len(r.per_example) == 32 and r.score == 1.0
+
+
+def test_a_model_that_ignores_its_input_scores_about_zero(task):
+    torch.manual_seed(0)
+    model = HandBuilt.for_task(task, 0, ignore=True)
+    probe, patch = Probe(**FAST_PROBE)(model, task, 0), Patching(n_pairs=128)(model, task, 0)
+    _in_unit(probe)
+    _in_unit(patch)
+    assert probe.score < 0.1
+    assert patch.score < 0.15  # only pairs whose expected answer is the constant prediction
+
+
+def test_transformer_random_init_end_to_end(task):
+    model = TransformerAdapter.for_task(task, 0)
+    probe = Probe(**FAST_PROBE)(model, task, 0)
+    _in_unit(probe)
+    assert {d["role"] for d in probe.details} == {"embed", "stream"}
+    assert len(probe.details) == 1 + model.config["n_layers"]
+    patch = Patching(n_pairs=64)(model, task, 0)
+    _in_unit(patch)
+    assert len(patch.details) == (1 + model.config["n_layers"]) * task.seq_len
+
+
+def test_probe_on_a_per_position_latent():
+    from archbench.tasks.count import Count
+
+    task = Count()
+    model = TransformerAdapter.for_task(task, 0)
+    r = Probe(n_train=128, n_test=64)(model, task, 0)
+    _in_unit(r)
+    assert len(r.per_example) == 64  # one value per test example, averaged over positions
