@@ -79,8 +79,8 @@ class Adapter(abc.ABC):
     default_config: ClassVar[dict[str, Any]] = {}
     # Training knobs; `task_train_config[task_name]` overrides per task.
     train_config: ClassVar[dict[str, Any]] = {
-        "steps": 2000, "batch": 128, "lr": 3e-3, "weight_decay": 0.01, "n_train": 8192,
-        "eval_every": 100, "target": 0.99,
+        "steps": 2000, "batch": 128, "lr": 1e-3, "weight_decay": 0.1, "n_train": 8192,
+        "eval_every": 100, "target": 0.99, "warmup": 100,
     }
     task_train_config: ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -219,8 +219,8 @@ class Adapter(abc.ABC):
         val = task.sample(512, seed + 10_000, "train")
         test = task.sample(1024, seed, "test")
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=cfg["steps"],
-                                                    pct_start=0.1)
+        warmup = max(1, cfg["warmup"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
         start, history, step = time.perf_counter(), [], 0
         self.model.train()
         for step in range(1, cfg["steps"] + 1):

@@ -10,8 +10,12 @@ have with source's value of the primary variable).
 
 Scoring: the interchange-intervention accuracy IIA(site, position) is the fraction of pairs
 whose patched answer is `expected`. Pairs with expected == base answer are dropped (they
-cannot show an effect). The score is the best IIA over (site, position) and `per_example`
-holds that cell's 0/1 indicators. Each site costs one batched forward: all positions are
+cannot show an effect). Two kinds of cell are reported but never scored, because they are
+trivially causal on any model that solves the task: the input embedding (patching it
+hands the model the source's input) and the last position of the deepest site (patching it
+hands the readout the source's final state). The score is the best IIA over the remaining
+(site, position) cells, which asks whether the variable is carried by an intermediate
+state; `per_example` holds that cell's 0/1 indicators. Each site costs one batched forward: all positions are
 stacked into one batch with a per-row patch position.
 """
 
@@ -56,13 +60,18 @@ class Patching(Technique):
                 hits.append((pred == expected.repeat(len(ps))).float().view(len(ps), n))  # (P, n)
             iia[name] = torch.cat(hits)  # (T, n)
 
+        deepest = max(names, key=lambda nm: adapter.specs[nm].layer or 0)
         details = []
         for name in names:
             spec = adapter.specs[name]
             for p in range(T):
-                details.append({"site": name, "role": spec.role, "layer": spec.layer,
-                                "position": p, "iia": float(iia[name][p].mean())})
-        best = max(details, key=lambda d: d["iia"])  # first of ties: the shallowest, earliest
+                trivial = spec.role == "embed" or (name == deepest and p == T - 1)
+                details.append({"site": name, "role": spec.role, "layer": spec.layer, "position": p,
+                                "iia": float(iia[name][p].mean()), "trivial": trivial})
+        scored = [d for d in details if not d["trivial"]]
+        if not scored:
+            return Result.not_applicable(f"{adapter.family} has no intermediate site to patch")
+        best = max(scored, key=lambda d: d["iia"])  # first of ties: the shallowest, earliest
         streams = [nm for nm in names if adapter.specs[nm].role == "stream"]
         last_stream = float(iia[streams[-1]][T - 1].mean()) if streams else None
         return Result.from_per_example(

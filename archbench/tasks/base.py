@@ -50,8 +50,8 @@ class Task(abc.ABC):
     """A model system with known ground truth.
 
     Subclasses set `name`, `primary` (the latent the model must compute to answer),
-    `vocab_size`, `seq_len`, and implement `rule`, `_random_inputs`, `_latents`,
-    `_relevant` and `_counterfactual_source`.
+    `vocab_size`, `seq_len`, and implement `rule`, `_random_inputs`, `latents`,
+    `relevance` and `_counterfactual_source`.
     """
 
     name: ClassVar[str]
