@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from archbench.version import __version__
 
@@ -162,9 +162,3 @@ def load_results(results_dir: str | Path = "results"):
         raise FileNotFoundError(f"no results store at {path}: run `archbench run --matrix --results {results_dir}`")
     with Store(results_dir) as store:
         return store.cells()
-
-
-def specs_in(results_dir: str | Path) -> Iterable[RunSpec]:
-    df = load_results(results_dir)
-    for r in df.itertuples():
-        yield RunSpec(r.technique, r.arch, r.task, int(r.seed), bool(r.control))

@@ -1,0 +1,175 @@
+"""Selective state-space model: Mamba (Hugging Face `MambaForCausalLM`, pure-torch path on CPU).
+
+Each block mixes tokens with a selective scan h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t,
+y_t = C_t h_t + D x_t, gated by silu(z) (Gu & Dao 2023, "Mamba: linear-time sequence modeling
+with selective state spaces"; Gu et al. 2022, S4). Organisms are built from a tiny
+`MambaConfig`; `from_pretrained` wraps a local `save_pretrained` directory. The CUDA kernels
+of `mamba-ssm` are an optional GPU extra: without them transformers runs its own torch scan,
+and this adapter needs nothing else.
+
+The per-step SSM state is not a module output in transformers (and `conv1d`, `act`,
+`dt_proj` are used as weights, not called as modules, so hooks on them never fire). Every
+mixer therefore gets a `hook_state` HookPoint and a forward that, *only while that HookPoint
+is hooked*, runs the same computation written out here (in_proj, transformers' own causal
+conv, x_proj, dt_proj, A_log, D, the same sequential scan) while materialising the states
+(batch, pos, d_inner, d_state) and passing them through the HookPoint; it is tested bit-equal
+to transformers' own mixer. With no hook on the state, the mixer is transformers' forward,
+untouched.
+
+Patching the state: the intervention sees the clean states of every step; at each
+(example, step) where it returned a different value, the scan takes the returned state and
+continues from it; elsewhere the recurrence runs on from the (possibly edited) previous
+state. So editing the state at step t changes outputs from t on exactly as rerunning the scan
+from that state would, and leaves steps before t untouched. The cache of an edited state site
+holds the states the scan actually used.
+
+Hook points: `embed`, per block `blocks.{i}.ssm.state` (state), `blocks.{i}.ssm.out`
+(mixer), `blocks.{i}.resid_post` (stream), then `logits`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch.nn import functional as F
+from transformers import MambaConfig, MambaForCausalLM
+from transformers.models.mamba import modeling_mamba as hf_mamba
+
+from archbench.adapter import Adapter, RunOutput, Site
+from archbench.hooks import HookPoint, HookSpec, InterventionLike
+
+D = ("batch", "pos", "d_model")
+STATE = ("batch", "pos", "d_inner", "d_state")
+
+
+class HookedMambaMixer(hf_mamba.MambaMixer):
+    """transformers' MambaMixer whose per-step state is a HookPoint (see the module docstring)."""
+
+    hook_state: HookPoint
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        hook = self.hook_state
+        if cache is not None or not (hook._forward_hooks or hook._forward_pre_hooks):
+            return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+        return self.scan_forward(hidden_states, attention_mask)
+
+    def scan_forward(self, hidden_states: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """transformers' full-sequence torch path, with the states materialised and hookable."""
+        dtype = hidden_states.dtype
+        hidden_states = hf_mamba.apply_mask_to_padding_states(hidden_states, attention_mask)
+        projected = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, T)
+        A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
+        x, gate = projected.chunk(2, dim=1)  # (B, d_inner, T) each
+        x = hf_mamba.causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                      activation=self.activation)  # (B, d_inner, T)
+        x = hf_mamba.apply_mask_to_padding_states(x.transpose(1, 2), attention_mask)  # (B, T, d_inner)
+        time_step, B, C = torch.split(self.x_proj(x), [self.time_step_rank, self.ssm_state_size,
+                                                       self.ssm_state_size], dim=-1)  # (B, T, r|n|n)
+        dt = self.dt_proj.weight @ time_step.transpose(1, 2)  # (B, d_inner, T)
+        u = x.transpose(1, 2)  # (B, d_inner, T)
+        input_dtype = u.dtype
+        dt = F.softplus(dt + self.dt_proj.bias.float()[..., None])  # (B, d_inner, T)
+        dA = torch.exp(A[None, :, None, :] * dt[:, :, :, None])  # (B, d_inner, T, d_state)
+        dBu = dt[:, :, :, None] * B[:, None, :, :].float() * u[:, :, :, None].float()  # (B, d_inner, T, d_state)
+        batch, d_inner, T = u.shape
+
+        def scan(edited=None, changed=None):
+            state = torch.zeros(batch, d_inner, A.shape[-1], dtype=input_dtype, device=u.device)
+            states = []
+            for t in range(T):
+                state = dA[:, :, t] * state + dBu[:, :, t]  # (B, d_inner, d_state)
+                if edited is not None:
+                    state = torch.where(changed[:, t, None, None], edited[:, t], state)
+                states.append(state)
+            return torch.stack(states, 1)  # (B, T, d_inner, d_state)
+
+        clean = scan()
+        states = self.hook_state(clean)
+        self.last_states = None
+        if states is not clean:  # an intervention edited some steps: rerun the scan through them
+            changed = (states != clean).flatten(2).any(-1)  # (B, T)
+            states = scan(states, changed)
+            self.last_states = states
+        y = torch.stack([torch.matmul(states[:, t].to(input_dtype), C[:, t, :].unsqueeze(-1))[:, :, 0]
+                         for t in range(T)], dim=-1)  # (B, d_inner, T)
+        y = (y + u * self.D.float()[None, :, None]) * F.silu(gate)  # (B, d_inner, T)
+        return self.out_proj(y.transpose(1, 2).to(dtype))  # (B, T, d_model)
+
+
+class MambaAdapter(Adapter):
+    family = "mamba"
+    capabilities = frozenset({"gradients", "trainable", "recurrent_state", "readout"})
+    default_config = {"d_model": 64, "n_layers": 2, "d_state": 16, "expand": 2, "d_conv": 4}
+    task_train_config = {
+        "modadd": {"steps": 3000, "lr": 3e-3, "weight_decay": 1.0, "n_train": 8192},
+        "parity": {"steps": 2500},
+    }
+
+    @classmethod
+    def build_model(cls, config: dict[str, Any]) -> MambaForCausalLM:
+        hf = MambaConfig(vocab_size=config["vocab_size"], hidden_size=config["d_model"],
+                         num_hidden_layers=config["n_layers"], state_size=config["d_state"],
+                         expand=config["expand"], conv_kernel=config["d_conv"], use_mambapy=False,
+                         use_cache=False, tie_word_embeddings=False,
+                         pad_token_id=None, bos_token_id=None, eos_token_id=None)
+        return cls._prepare(MambaForCausalLM(hf))
+
+    @staticmethod
+    def _prepare(model: MambaForCausalLM) -> MambaForCausalLM:
+        for block in model.backbone.layers:
+            if not isinstance(block.mixer, HookedMambaMixer):
+                block.mixer.__class__ = HookedMambaMixer  # same parameters, one HookPoint more
+                block.mixer.hook_state = HookPoint()
+                block.mixer.last_states = None
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "MambaAdapter":
+        """Wrap a local `save_pretrained` directory of a MambaForCausalLM (no hub access)."""
+        model = cls._prepare(MambaForCausalLM.from_pretrained(str(path), local_files_only=True))
+        c = model.config
+        return cls(model, {"vocab_size": c.vocab_size, "seq_len": None, "d_model": c.hidden_size,
+                           "n_layers": c.num_hidden_layers, "d_state": c.state_size, "expand": c.expand,
+                           "d_conv": c.conv_kernel, "source": str(path)})
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens, use_cache=False).logits  # (B, T, vocab)
+
+    def decode(self, stream: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.backbone.norm_f(stream))  # (B, T, vocab)
+
+    def run(self, tokens: torch.Tensor, cache: Iterable[str] | str | None = None,
+            interventions: Mapping[str, InterventionLike] | None = None,
+            grad: bool = False) -> RunOutput:
+        """`Adapter.run`; an edited state site's cache holds the states the scan actually used."""
+        try:
+            out = super().run(tokens, cache, interventions, grad)
+            for i, block in enumerate(self.model.backbone.layers):
+                name = f"blocks.{i}.ssm.state"
+                if name in out.cache and block.mixer.last_states is not None:
+                    used = block.mixer.last_states
+                    out.cache[name] = used if grad else used.detach()
+            return out
+        finally:
+            for block in self.model.backbone.layers:
+                block.mixer.last_states = None
+
+    def hook_points(self) -> list[HookSpec]:
+        specs = [HookSpec("embed", "embed", D, layer=0)]
+        for i in range(self.config["n_layers"]):
+            specs += [HookSpec(f"blocks.{i}.ssm.state", "state", STATE, layer=i),
+                      HookSpec(f"blocks.{i}.ssm.out", "mixer", D, layer=i),
+                      HookSpec(f"blocks.{i}.resid_post", "stream", D, layer=i + 1)]
+        return specs + [HookSpec("logits", "logits", ("batch", "pos", "vocab"),
+                                 layer=self.config["n_layers"] + 1)]
+
+    def sites(self) -> dict[str, Site]:
+        backbone = self.model.backbone
+        sites = {"embed": Site(backbone.embeddings), "logits": Site(self.model.lm_head)}
+        for i, block in enumerate(backbone.layers):
+            sites.update({f"blocks.{i}.ssm.state": Site(block.mixer.hook_state),
+                          f"blocks.{i}.ssm.out": Site(block.mixer),
+                          f"blocks.{i}.resid_post": Site(block)})
+        return sites

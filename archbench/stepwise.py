@@ -1,0 +1,75 @@
+"""Per-step hook points for models that run their own time loop (spiking nets, reservoirs).
+
+A recurrent model that loops over time in Python computes its state one step at a time, so
+a plain forward hook fires T times per forward with a (batch, *features) tensor each time.
+The archbench contract wants one activation per name with axes (batch, pos, *features),
+and an intervention must act at its positions only, with the edited value feeding the
+recurrence.
+
+The model calls a `StepHookPoint` as `hook(x, t, n_steps)` at every step t. The adapter describes it
+with a `StepSite` and mixes in `StepwiseAttach`, which routes those sites to
+`attach_stepwise`:
+
+- at step t the intervention sees a canonical (batch, T, *features) tensor holding the
+  already-edited values of steps < t, the fresh value at t, and zeros for steps > t (not yet
+  computed); only its position t is read back, so `positions=[t]` acts at step t only and
+  the replaced value is what the model carries into step t + 1;
+- the cache holds the stacked per-step values (after any intervention), (batch, T, *f).
+
+Position-wise interventions (Zero, Mean, Patch, Add, Project) therefore behave exactly as
+on a whole-sequence tensor; a custom callable may look at earlier steps but not later ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from archbench.adapter import Site
+from archbench.hooks import HookSpec
+
+
+class StepHookPoint(nn.Module):
+    """Identity over one time step: `hook(x, t, n_steps) -> x`, hooked once per step."""
+
+    def forward(self, x: torch.Tensor, t: int, n_steps: int) -> torch.Tensor:
+        return x
+
+
+@dataclass
+class StepSite(Site):
+    """A `StepHookPoint` whose per-step tensors (batch, *f) form one (batch, T, *f) activation."""
+
+
+def attach_stepwise(site: StepSite, spec: HookSpec, intervention, store, grad: bool):
+    """Register the per-step hook on `site.module`; returns the handle (see module docstring)."""
+    history: list[torch.Tensor] = []  # edited per-step values of the current forward
+
+    def hook(module, args, output):
+        x, t, n_steps = args[0], int(args[1]), int(args[2])  # (B, *f), step, number of steps
+        if t == 0:
+            history.clear()
+        new = None
+        if intervention is not None:
+            later = [torch.zeros_like(x)] * (n_steps - t - 1)
+            canon = torch.stack([*history, x, *later], dim=1)  # (B, T, *f)
+            new = intervention(canon, spec)[:, t]  # (B, *f): only step t is read back
+            x = new
+        history.append(x)
+        if store is not None:
+            stacked = torch.stack(history, dim=1)  # (B, t+1, *f)
+            store[spec.name] = stacked if grad else stacked.detach()
+        return new
+
+    return site.module.register_forward_hook(hook, prepend=True)
+
+
+class StepwiseAttach:
+    """Adapter mixin: `StepSite`s attach per step, every other site as usual."""
+
+    def _attach(self, site, spec, intervention, store, grad):
+        if isinstance(site, StepSite):
+            return attach_stepwise(site, spec, intervention, store, grad)
+        return super()._attach(site, spec, intervention, store, grad)

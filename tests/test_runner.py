@@ -1,0 +1,101 @@
+"""Runner, store and resume: cells are isolated, finished cells survive a SIGKILL and are skipped.
+
+Organisms here are planted random-init models with a recorded accuracy, so these tests
+exercise the runner's bookkeeping in seconds; training itself is tested in the slow suite.
+"""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from archbench import registry, runner, zoo
+from archbench.store import RunSpec, Store
+from archbench.technique import Technique
+
+
+def plant(arch, task_name, seed, accuracy=1.0):
+    task = registry.task(task_name)
+    adapter = registry.adapter(arch).for_task(task, seed)
+    meta = {"accuracy": accuracy, "train_accuracy": accuracy, "steps": 0, "seconds": 0.0, "history": [],
+            "arch": arch, "task": task_name, "seed": seed, "organism": zoo.organism_id(arch, task, seed)}
+    adapter.save(zoo.organism_dir(arch, task, seed), meta)
+
+
+class Exploding(Technique):
+    name = "exploding"
+    roles = frozenset({"stream"})
+
+    def run(self, adapter, task, seed):
+        raise RuntimeError("this technique always fails")
+
+
+def test_matrix_runs_isolates_errors_gates_and_skips(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "_extra", {k: {} for k in registry.BUILTINS})
+    registry.register("techniques", "exploding", Exploding)
+    plant("transformer", "modadd", 0)
+    plant("transformer", "facts", 0, accuracy=0.5)
+    specs = runner.expand(["transformer"], ["probe", "exploding"], ["modadd", "facts"], [0])
+    summary = runner.run_matrix(specs, tmp_path / "r", workers=1, progress=False)
+    assert (summary.ok, summary.na, summary.error) == (2, 4, 2)
+    with Store(tmp_path / "r") as store:
+        cells = store.cells()
+    err = cells[cells.status == "error"]
+    assert set(err.technique) == {"exploding"} and err.error.str.contains("always fails").all()
+    na = cells[cells.status == "n/a"]
+    assert set(na.task) == {"facts"} and na.reason.str.contains("gate failed: accuracy 0.50").all()
+    ok = cells[cells.status == "ok"]
+    assert ok.score.between(0, 1).all() and ok.per_example.map(len).gt(0).all()
+    again = runner.run_matrix(specs, tmp_path / "r", workers=1, progress=False)
+    assert again.skipped == 6 and again.error == 2  # errors are retried, finished cells are not
+
+
+def test_runspec_key_is_stable_and_distinct():
+    a, b = RunSpec("probe", "transformer", "modadd", 0), RunSpec("probe", "transformer", "modadd", 0, True)
+    assert a.key() == RunSpec("probe", "transformer", "modadd", 0).key() and a.key() != b.key()
+
+
+def test_expand_makes_trained_and_control_cells():
+    specs = runner.expand(["transformer"], ["probe", "patching"], ["modadd"], range(2))
+    assert len(specs) == 8 and sum(s.control for s in specs) == 4
+
+
+def test_resume_after_sigkill_loses_no_finished_cell(tmp_path, isolated_cache):
+    tasks = ["modadd", "count", "facts", "recall"]
+    for t in tasks:
+        for s in (0, 1):
+            plant("transformer", t, s)
+    results = tmp_path / "r"
+    cmd = [sys.executable, "-m", "archbench.cli", "run", "--matrix", "--arch", "transformer",
+           "--technique", "probe,patching", "--task", ",".join(tasks), "--seeds", "2", "--workers", "1",
+           "--results", str(results), "--no-progress"]
+    env = {**os.environ, "ARCHBENCH_CACHE": str(isolated_cache)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = results / "archbench.db"
+    deadline = time.time() + 120
+    n_before = 0
+    while time.time() < deadline and n_before < 3:
+        time.sleep(0.2)
+        if db.exists():
+            try:
+                n_before = sqlite3.connect(db).execute("SELECT count(*) FROM cells").fetchone()[0]
+            except sqlite3.OperationalError:
+                pass
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    before = dict(con.execute("SELECT key, created FROM cells").fetchall())
+    assert 3 <= len(before) < 32
+    con.close()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(before)} already done" in done.stdout
+    after = dict(sqlite3.connect(db).execute("SELECT key, created FROM cells").fetchall())
+    assert len(after) == 32 and all(after[k] == v for k, v in before.items())
+    assert (results / "LEADERBOARD.md").exists()
