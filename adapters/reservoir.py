@@ -149,7 +149,7 @@ class ReservoirAdapter(StepwiseAttach, Adapter):
 
     def reservoirpy_states(self, tokens: torch.Tensor, res=None) -> np.ndarray:
         """reservoirpy's own run: (n, T) tokens -> states (n, T, units), each series from s=0."""
-        res = res or self.to_reservoirpy()[0]
+        res = self.to_reservoirpy()[0] if res is None else res
         res.reset()
         return np.asarray(res.run(self._onehot(tokens)))
 

@@ -19,10 +19,22 @@ from archbench.tasks import BUILTIN_TASKS
 BUILTINS: dict[str, dict[str, str]] = {
     "adapters": {
         "transformer": "archbench.adapters.transformer:TransformerAdapter",
+        "moe": "archbench.adapters.moe:MoEAdapter",
+        "looped": "archbench.adapters.looped:LoopedAdapter",
+        "mamba": "archbench.adapters.mamba:MambaAdapter",
+        "rwkv": "archbench.adapters.rwkv:RWKVAdapter",
+        "diffusion": "archbench.adapters.diffusion:DiffusionAdapter",
     },
     "techniques": {
         "probe": "archbench.techniques.probe:Probe",
         "patching": "archbench.techniques.patching:Patching",
+        "ablation": "archbench.techniques.ablation:Ablation",
+        "attribution": "archbench.techniques.attribution:Attribution",
+        "logit_lens": "archbench.techniques.logit_lens:LogitLens",
+        "tuned_lens": "archbench.techniques.tuned_lens:TunedLens",
+        "steering": "archbench.techniques.steering:Steering",
+        "sae": "archbench.techniques.sae:SAE",
+        "cka": "archbench.techniques.cka:CKA",
     },
     "tasks": dict(BUILTIN_TASKS),
 }

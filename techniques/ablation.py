@@ -62,7 +62,7 @@ def _evaluate(adapter, tokens, answer, ablate, fills, names, max_rows):
 class Ablation(Technique):
     name = "ablation"
     roles = frozenset(COMPONENT_ROLES)
-    default_config = {"n_train": 512, "n_test": 512, "max_rows": 8192}
+    default_config = {"n_train": 256, "n_test": 512, "max_rows": 8192}
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:

@@ -4,14 +4,19 @@ The input representation (the `embed` hook point) of each test example is replac
 a callable intervention, by a tensor that captum perturbs or differentiates; the attributed
 output is the logit of the model's own prediction at the last position.
 - With capability `gradients`: Integrated Gradients (Sundararajan et al. 2017, "Axiomatic
-  attribution for deep networks"; 32 steps, Gauss-Legendre), batched over examples, with
+  attribution for deep networks"; 16 steps, Gauss-Legendre), batched over examples, with
   gradient x input (Shrikumar et al. 2017; Simonyan et al. 2014) as a secondary map.
 - Without it: feature ablation over input positions (Zeiler & Fergus 2014, occlusion): each
   position's input representation in turn is replaced by the baseline.
 Both use the all-zero input representation as the baseline (the usual IG baseline for
-embeddings); a position-wise *mean* baseline would give every constant position (the `=`
-of modadd, the query of count) an exactly-zero attribution on any model, a free win.
+embeddings).
 All through captum (Kokhlikyan et al. 2020).
+
+Positions whose token never varies in the sample (the `=` of modadd, the query of count) are
+left out of the score: they carry no information about the answer, and their attribution
+reflects only the baseline (zeroing the last position's input is a large perturbation on any
+model, so on a random-init control it dominates every map). A task with no varying
+irrelevant position (modadd: only a and b vary, both relevant) is not applicable.
 
 A position's attribution magnitude is |sum over features|. Scoring: AUROC of that magnitude
 for separating the task's relevant positions (`Examples.relevant`) from the others, per
@@ -49,7 +54,7 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 class Attribution(Technique):
     name = "attribution"
     roles = frozenset({"embed"})
-    default_config = {"n_examples": 256, "n_steps": 32, "internal_batch_size": 4096}
+    default_config = {"n_examples": 128, "n_steps": 16, "internal_batch_size": 4096}
 
     def run(self, adapter, task, seed: int) -> Result:
         cfg = self.config
@@ -76,20 +81,25 @@ class Attribution(Technique):
                 emb.clone().requires_grad_(True), target=target, additional_forward_args=(ex.tokens,))
         else:
             method = "feature_ablation"
-            T = emb.shape[1]
-            groups = torch.arange(T).view(1, T, *([1] * (emb.dim() - 2))).expand(1, *emb.shape[1:])
+            P = emb.shape[1]
+            groups = torch.arange(P).view(1, P, *([1] * (emb.dim() - 2))).expand(1, *emb.shape[1:])
             with torch.no_grad():
                 maps[method] = FeatureAblation(forward).attribute(
                     emb, baselines=0.0, target=target, additional_forward_args=(ex.tokens,),
-                    feature_mask=groups, perturbations_per_eval=T)
+                    feature_mask=groups, perturbations_per_eval=P)
 
-        rel = ex.relevant  # (n, T)
+        T = ex.tokens.shape[1]  # positions an adapter appends after the input (an answer slot) are not scored
+        if emb.shape[1] < T:
+            return Result.not_applicable(f"{adapter.family}: the embed site has fewer positions than the input")
+        varying = (ex.tokens != ex.tokens[:1]).any(0)  # (T,) positions whose token ever changes
+        rel = ex.relevant[:, varying]  # (n, T')
         mixed = rel.any(1) & ~rel.all(1)  # (n,) both classes present
         if not bool(mixed.any()):
-            return Result.not_applicable(f"{task.name}: no example has both relevant and irrelevant positions")
-        metrics, per_ex = {"method": method}, None
+            return Result.not_applicable(f"{task.name}: no example has both relevant and irrelevant "
+                                         "positions among the positions whose token varies")
+        metrics, per_ex = {"method": method, "constant_positions": (~varying).nonzero().flatten().tolist()}, None
         for key, attr in maps.items():
-            mag = attr.detach().flatten(2).sum(-1).abs()  # (n, T) per-position magnitude
+            mag = attr.detach().flatten(2).sum(-1).abs()[:, :T][:, varying]  # (n, T') per position
             rows = auroc_rows(mag[mixed], rel[mixed])  # (n_mixed,)
             metrics[f"{key}_auroc"] = float(rows.mean())
             metrics[f"{key}_auroc_pooled"] = auroc(mag[mixed].flatten(), rel[mixed].flatten())

@@ -15,7 +15,7 @@ def isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def gpt():
-    """A random-init reference transformer sized for a 6-token, 10-symbol task."""
+    """A random-init reference (Llama-style) transformer sized for a 6-token, 10-symbol task."""
     from archbench.adapters.transformer import TransformerAdapter
 
     return TransformerAdapter.build(vocab_size=10, seq_len=6, seed=0)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import LlamaForCausalLM
 
 from archbench.adapters.transformer import TransformerAdapter
 from archbench.hooks import Add, Patch, Zero
@@ -91,7 +91,7 @@ def test_hooks_removed_even_when_forward_raises(gpt, tokens):
 def test_grad_flows_only_when_asked(gpt, tokens):
     out = gpt.run(tokens, cache=["embed"], grad=True)
     out.logits[:, -1, 0].sum().backward()
-    assert gpt.model.transformer.wte.weight.grad is not None
+    assert gpt.model.model.embed_tokens.weight.grad is not None
     assert not gpt.run(tokens).logits.requires_grad
 
 
@@ -110,7 +110,7 @@ def test_save_load_roundtrip_through_safetensors(gpt, tokens, tmp_path):
 def test_loads_local_huggingface_checkpoint(gpt, tokens, tmp_path):
     gpt.model.save_pretrained(tmp_path / "hf")
     wrapped = TransformerAdapter.from_pretrained(tmp_path / "hf")
-    reference = GPT2LMHeadModel.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    reference = LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     with torch.no_grad():
         own = reference(input_ids=tokens, use_cache=False).logits
     assert torch.allclose(wrapped.run(tokens).logits, own, atol=1e-6)
@@ -121,5 +121,5 @@ def test_same_seed_same_init():
     a = TransformerAdapter.build(10, 6, seed=3)
     b = TransformerAdapter.build(10, 6, seed=3)
     c = TransformerAdapter.build(10, 6, seed=4)
-    wa, wb, wc = (x.model.transformer.wte.weight for x in (a, b, c))
+    wa, wb, wc = (x.model.model.embed_tokens.weight for x in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)

@@ -1,0 +1,177 @@
+"""Linear-attention RNN: RWKV-4 (Hugging Face `RwkvForCausalLM`, CPU path, `rescale_every=0`).
+
+Each block has a time-mixing WKV recurrence (an exponentially decaying, key-weighted average
+of past values, read through a sigmoid receptance) and a channel-mixing feed-forward, both
+with token shift (Peng et al. 2023, "RWKV: reinventing RNNs for the transformer era").
+Organisms are built from a tiny `RwkvConfig` with `rescale_every=0` (no inference-time
+rescaling, so training and evaluation compute the same function); `from_pretrained` wraps a
+local `save_pretrained` directory. Loading RWKV `.pth` checkpoints through the `rwkv` package
+is not supported (inference-only weights in a dict, no modules).
+
+The WKV state is not a module output. Every time-mixing module gets a `hook_state` HookPoint
+and a forward that, *only while that HookPoint is hooked*, runs transformers' CPU WKV loop
+(same operations, tested bit-equal) while materialising the state. `blocks.{i}.wkv.state`
+has axes (batch, pos, wkv_part, d_att): wkv_part 0, 1, 2 are transformers' numerically
+stabilised (numerator, denominator, max exponent), so the real numerator is
+num * exp(max). The state at position t is the state that step t *reads* (the summary of
+tokens 0..t-1; at t=0 the initial state (0, 0, -1e38)): the output at t combines it with the
+current key and value. Editing it at step t therefore changes outputs from t on, exactly as
+running the recurrence on from that state would, and leaves steps before t untouched. The
+intervention sees the clean states; where (example, step) it returned a different value, the
+recurrence takes that state and continues from it. The cache of an edited state site holds
+the states the recurrence actually used. (The token-shift state, the previous step's input,
+is not a hook point: it is the neighbouring position's `resid` input.)
+
+Hook points: `embed`, per block `blocks.{i}.wkv.state` (state), `blocks.{i}.wkv.out`
+(mixer), `blocks.{i}.ffn.out` (mlp), `blocks.{i}.resid_post` (stream), then `logits`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from transformers import RwkvConfig, RwkvForCausalLM
+from transformers.models.rwkv.modeling_rwkv import RwkvSelfAttention
+
+from archbench.adapter import Adapter, RunOutput, Site
+from archbench.hooks import HookPoint, HookSpec, InterventionLike
+
+D = ("batch", "pos", "d_model")
+STATE = ("batch", "pos", "wkv_part", "d_att")
+
+
+class HookedRwkvSelfAttention(RwkvSelfAttention):
+    """transformers' RWKV time mixing whose per-step WKV state is a HookPoint."""
+
+    hook_state: HookPoint
+
+    def forward(self, hidden, state=None, use_cache=False):
+        hook = self.hook_state
+        if state is not None or use_cache or not (hook._forward_hooks or hook._forward_pre_hooks):
+            return super().forward(hidden, state=state, use_cache=use_cache)
+        receptance, key, value, _ = self.extract_key_value(hidden)  # (B, T, d_att) each
+        out, clean = self.wkv(key, value)
+        states = self.hook_state(clean)  # (B, T, 3, d_att)
+        self.last_states = None
+        if states is not clean:  # edited: rerun the recurrence through the edited steps
+            changed = (states != clean).flatten(2).any(-1)  # (B, T)
+            out, states = self.wkv(key, value, states, changed)
+            self.last_states = states
+        return self.output(receptance * out), None
+
+    def wkv(self, key, value, edited=None, changed=None):
+        """transformers' `rwkv_linear_attention_cpu`, returning also the state read at each step."""
+        _, seq_length, _ = key.size()
+        output = torch.zeros_like(key)  # (B, T, d_att)
+        num_state = torch.zeros_like(key[:, 0], dtype=torch.float32)  # (B, d_att)
+        den_state = torch.zeros_like(key[:, 0], dtype=torch.float32)
+        max_state = torch.zeros_like(key[:, 0], dtype=torch.float32) - 1e38
+        time_decay = -torch.exp(self.time_decay)
+        time_first = self.time_first
+        states = []
+        for t in range(seq_length):
+            if edited is not None:
+                c = changed[:, t, None]  # (B, 1)
+                num_state = torch.where(c, edited[:, t, 0], num_state)
+                den_state = torch.where(c, edited[:, t, 1], den_state)
+                max_state = torch.where(c, edited[:, t, 2], max_state)
+            states.append(torch.stack([num_state, den_state, max_state], 1))  # (B, 3, d_att)
+            current_key = key[:, t].float()
+            current_value = value[:, t]
+            max_for_output = torch.maximum(max_state, current_key + time_first)
+            e1 = torch.exp(max_state - max_for_output)
+            e2 = torch.exp(current_key + time_first - max_for_output)
+            numerator = e1 * num_state + e2 * current_value
+            denominator = e1 * den_state + e2
+            output[:, t] = (numerator / denominator).to(output.dtype)
+            max_for_state = torch.maximum(max_state + time_decay, current_key)
+            e1 = torch.exp(max_state + time_decay - max_for_state)
+            e2 = torch.exp(current_key - max_for_state)
+            num_state = e1 * num_state + e2 * current_value
+            den_state = e1 * den_state + e2
+            max_state = max_for_state
+        return output, torch.stack(states, 1)  # (B, T, d_att), (B, T, 3, d_att)
+
+
+class RWKVAdapter(Adapter):
+    family = "rwkv"
+    capabilities = frozenset({"gradients", "trainable", "recurrent_state", "readout"})
+    default_config = {"d_model": 64, "n_layers": 2}
+    task_train_config = {
+        "modadd": {"steps": 3000, "lr": 3e-3, "weight_decay": 1.0, "n_train": 8192},
+        "parity": {"steps": 2500},
+    }
+
+    @classmethod
+    def build_model(cls, config: dict[str, Any]) -> RwkvForCausalLM:
+        hf = RwkvConfig(vocab_size=config["vocab_size"], context_length=config["seq_len"],
+                        hidden_size=config["d_model"], num_hidden_layers=config["n_layers"],
+                        attention_hidden_size=config["d_model"], intermediate_size=4 * config["d_model"],
+                        rescale_every=0, use_cache=False, tie_word_embeddings=False,
+                        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        return cls._prepare(RwkvForCausalLM(hf))
+
+    @staticmethod
+    def _prepare(model: RwkvForCausalLM) -> RwkvForCausalLM:
+        if model.config.rescale_every != 0:
+            raise ValueError("archbench runs RWKV with rescale_every=0 (found "
+                             f"{model.config.rescale_every}); set it in the checkpoint's config")
+        for block in model.rwkv.blocks:
+            if not isinstance(block.attention, HookedRwkvSelfAttention):
+                block.attention.__class__ = HookedRwkvSelfAttention  # same parameters, one HookPoint more
+                block.attention.hook_state = HookPoint()
+                block.attention.last_states = None
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "RWKVAdapter":
+        """Wrap a local `save_pretrained` directory of an RwkvForCausalLM (no hub access)."""
+        model = RwkvForCausalLM.from_pretrained(str(path), local_files_only=True, rescale_every=0)
+        model = cls._prepare(model)
+        c = model.config
+        return cls(model, {"vocab_size": c.vocab_size, "seq_len": c.context_length, "d_model": c.hidden_size,
+                           "n_layers": c.num_hidden_layers, "source": str(path)})
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens, use_cache=False).logits  # (B, T, vocab)
+
+    def decode(self, stream: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.rwkv.ln_out(stream))  # (B, T, vocab)
+
+    def run(self, tokens: torch.Tensor, cache: Iterable[str] | str | None = None,
+            interventions: Mapping[str, InterventionLike] | None = None,
+            grad: bool = False) -> RunOutput:
+        """`Adapter.run`; an edited state site's cache holds the states the recurrence used."""
+        try:
+            out = super().run(tokens, cache, interventions, grad)
+            for i, block in enumerate(self.model.rwkv.blocks):
+                name = f"blocks.{i}.wkv.state"
+                if name in out.cache and block.attention.last_states is not None:
+                    used = block.attention.last_states
+                    out.cache[name] = used if grad else used.detach()
+            return out
+        finally:
+            for block in self.model.rwkv.blocks:
+                block.attention.last_states = None
+
+    def hook_points(self) -> list[HookSpec]:
+        specs = [HookSpec("embed", "embed", D, layer=0)]
+        for i in range(self.config["n_layers"]):
+            specs += [HookSpec(f"blocks.{i}.wkv.state", "state", STATE, layer=i),
+                      HookSpec(f"blocks.{i}.wkv.out", "mixer", D, layer=i),
+                      HookSpec(f"blocks.{i}.ffn.out", "mlp", D, layer=i),
+                      HookSpec(f"blocks.{i}.resid_post", "stream", D, layer=i + 1)]
+        return specs + [HookSpec("logits", "logits", ("batch", "pos", "vocab"),
+                                 layer=self.config["n_layers"] + 1)]
+
+    def sites(self) -> dict[str, Site]:
+        rwkv = self.model.rwkv
+        sites = {"embed": Site(rwkv.embeddings), "logits": Site(self.model.head)}
+        for i, block in enumerate(rwkv.blocks):
+            sites.update({f"blocks.{i}.wkv.state": Site(block.attention.hook_state),
+                          f"blocks.{i}.wkv.out": Site(block.attention, index=0),
+                          f"blocks.{i}.ffn.out": Site(block.feed_forward, index=0),
+                          f"blocks.{i}.resid_post": Site(block, index=0)})
+        return sites

@@ -1,0 +1,71 @@
+"""Tuned lens: decode intermediate states through a learned affine translator per site.
+
+Belrose et al. 2023 ("Eliciting latent predictions from transformers with the tuned lens")
+train one affine translator per layer that maps the layer's residual into the final
+layer's, then apply the model's readout. Here each translator is fitted in closed form by
+ridge least squares (MSE in activation space, a stand-in for their KL objective) on
+train-split activations at the answer position (the last one), from every `stream` site
+and every `state` site (any shape, flattened) to the deepest stream site.
+- With capability `readout`: decode(translator(activation)), as in the paper.
+- Without it: the translator maps straight to the final logits (an affine map fitted to
+  the model's own logits), so the lens runs on any family that exposes a stream.
+Either way the lens is fitted to the model's own final state, never to the answer, so it
+cannot recover an answer the model does not compute.
+
+Scoring is shared with the logit lens (`score_lens`): mean over sites (the deepest stream
+site excluded: its translator is the identity) of the fraction of test examples whose
+decoded top-1 token is the task's answer; `agreement_with_final` and
+`first_decodable_layer` are secondary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from archbench.technique import Result, Technique
+from archbench.techniques.logit_lens import SITE_ROLES, lens_sites, score_lens
+
+
+def fit_affine(x: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Ridge least squares with bias: x (N, F), y (N, D) -> W (F+1, D), y ~ [x, 1] @ W."""
+    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # (N, F+1)
+    gram = x1.T @ x1  # (F+1, F+1)
+    reg = ridge * gram.diagonal()[:-1].mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=x.dtype)
+    reg[-1, -1] = 0.0  # the bias is not penalised
+    return torch.linalg.solve(gram + reg, x1.T @ y)  # (F+1, D)
+
+
+def apply_affine(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x @ w[:-1] + w[-1]  # (N, D)
+
+
+class TunedLens(Technique):
+    name = "tuned_lens"
+    roles = frozenset({"stream"})
+    default_config = {"n_train": 2048, "n_test": 512, "ridge": 1e-3, "decodable": 0.5}
+
+    @torch.no_grad()
+    def run(self, adapter, task, seed: int) -> Result:
+        cfg = self.config
+        train = task.sample(cfg["n_train"], seed, "train")
+        test = task.sample(cfg["n_test"], seed, "test")
+        tr = adapter.run(train.tokens, cache=list(SITE_ROLES))
+        te = adapter.run(test.tokens, cache=list(SITE_ROLES))
+        _, deepest = lens_sites(adapter, tr.cache)
+        names = sorted(tr.cache, key=lambda n: adapter.specs[n].layer or 0)  # every stream and state
+        readout = "readout" in adapter.capabilities
+        if readout:
+            target = tr.cache[deepest][:, -1].flatten(1).double()  # (N, D) final stream
+            shape = tr.cache[deepest].shape[2:]
+        else:
+            target = tr.logits[:, -1].double()  # (N, V) final logits
+        decoded = {}
+        for name in names:
+            w = fit_affine(tr.cache[name][:, -1].flatten(1).double(), target, cfg["ridge"])  # (F+1, D)
+            y = apply_affine(te.cache[name][:, -1].flatten(1).double(), w)  # (M, D)
+            if readout:
+                y = adapter.decode(y.to(te.logits.dtype).view(len(y), 1, *shape))[:, 0]  # (M, V)
+            decoded[name] = y.argmax(-1)  # (M,)
+        return score_lens(adapter, names, deepest, decoded, te.logits[:, -1].argmax(-1),
+                          test.answer, cfg["decodable"],
+                          translator_target="final stream" if readout else "final logits")
