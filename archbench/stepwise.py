@@ -6,15 +6,17 @@ The archbench contract wants one activation per name with axes (batch, pos, *fea
 and an intervention must act at its positions only, with the edited value feeding the
 recurrence.
 
-The model calls a `StepHookPoint` as `hook(x, t, n_steps)` at every step t. The adapter describes it
-with a `StepSite` and mixes in `StepwiseAttach`, which routes those sites to
+The model calls a `StepHookPoint` as `hook(x, t, n_steps)` at every step t. The adapter
+describes it with a `StepSite` and mixes in `StepwiseAttach`, which routes those sites to
 `attach_stepwise`:
 
 - at step t the intervention sees a canonical (batch, T, *features) tensor holding the
   already-edited values of steps < t, the fresh value at t, and zeros for steps > t (not yet
   computed); only its position t is read back, so `positions=[t]` acts at step t only and
   the replaced value is what the model carries into step t + 1;
-- the cache holds the stacked per-step values (after any intervention), (batch, T, *f).
+- the cache holds the stacked per-step values (after any intervention), (batch, T, *f);
+  with `grad=True` it is a leaf wired into every step, so gradients with respect to the
+  cached tensor are the gradients with respect to the per-step activations.
 
 Position-wise interventions (Zero, Mean, Patch, Add, Project) therefore behave exactly as
 on a whole-sequence tensor; a custom callable may look at earlier steps but not later ones.
@@ -46,11 +48,13 @@ class StepSite(Site):
 def attach_stepwise(site: StepSite, spec: HookSpec, intervention, store, grad: bool):
     """Register the per-step hook on `site.module`; returns the handle (see module docstring)."""
     history: list[torch.Tensor] = []  # edited per-step values of the current forward
+    leaf: list[torch.Tensor] = []  # with grad: the cached (B, T, *f) tensor, in the graph
 
     def hook(module, args, output):
         x, t, n_steps = args[0], int(args[1]), int(args[2])  # (B, *f), step, number of steps
         if t == 0:
             history.clear()
+            leaf.clear()
         new = None
         if intervention is not None:
             later = [torch.zeros_like(x)] * (n_steps - t - 1)
@@ -58,10 +62,21 @@ def attach_stepwise(site: StepSite, spec: HookSpec, intervention, store, grad: b
             new = intervention(canon, spec)[:, t]  # (B, *f): only step t is read back
             x = new
         history.append(x)
-        if store is not None:
-            stacked = torch.stack(history, dim=1)  # (B, t+1, *f)
-            store[spec.name] = stacked if grad else stacked.detach()
-        return new
+        if store is None:
+            return new
+        if not grad:
+            store[spec.name] = torch.stack(history, dim=1).detach()  # (B, t+1, *f)
+            return new
+        # grad=True: the cache is a leaf whose step t is added to the carried value as
+        # (leaf_t - leaf_t.detach()), exactly zero, so d(out)/d(cache) is the gradient with
+        # respect to the per-step activation (through every later step) and values are unchanged.
+        if t == 0:
+            leaf.append(torch.zeros(x.shape[0], n_steps, *x.shape[1:], dtype=x.dtype,
+                                    device=x.device, requires_grad=True))
+            store[spec.name] = leaf[0]
+        leaf[0].data[:, t] = x.detach()
+        step = leaf[0][:, t]
+        return x + (step - step.detach())
 
     return site.module.register_forward_hook(hook, prepend=True)
 
