@@ -24,6 +24,9 @@ BUILTINS: dict[str, dict[str, str]] = {
         "mamba": "archbench.adapters.mamba:MambaAdapter",
         "rwkv": "archbench.adapters.rwkv:RWKVAdapter",
         "diffusion": "archbench.adapters.diffusion:DiffusionAdapter",
+        "kan": "archbench.adapters.kan:KANAdapter",
+        "spiking": "archbench.adapters.spiking:SpikingAdapter",
+        "reservoir": "archbench.adapters.reservoir:ReservoirAdapter",
     },
     "techniques": {
         "probe": "archbench.techniques.probe:Probe",
