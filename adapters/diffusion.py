@@ -93,6 +93,9 @@ class DiffusionAdapter(Adapter):
             x[:, :-1] = torch.where(drop.to(tokens.device), self.mask_id, tokens)
         return x
 
+    def answer_position(self, seq_len: int) -> int:
+        return seq_len  # the answer slot after the seq_len inputs
+
     def model_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The wrapped model on (B, T+1) ids -> logits over the task vocabulary (B, T+1, V)."""
         return self.model(input_ids=x).logits[..., : self.mask_id]
@@ -140,7 +143,7 @@ class DiffusionAdapter(Adapter):
         cfg = {**self.train_config, **self.task_train_config.get(task.name, {}), **overrides}
         gen = torch.Generator().manual_seed(seed)
         train = task.sample(cfg["n_train"], seed, "train")
-        val = task.sample(512, seed + 10_000, "train")
+        val = task.sample(512, seed, "val")
         test = task.sample(1024, seed, "test")
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         warmup = max(1, cfg["warmup"])

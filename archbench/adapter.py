@@ -83,6 +83,8 @@ class Adapter(abc.ABC):
         "eval_every": 100, "target": 0.99, "warmup": 100,
     }
     task_train_config: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Model-config overrides per task, applied by `for_task` (part of the organism's identity).
+    task_model_config: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, model: nn.Module, config: dict[str, Any]):
         self.model = model
@@ -100,7 +102,8 @@ class Adapter(abc.ABC):
 
     @classmethod
     def for_task(cls, task, seed: int, **overrides: Any) -> "Adapter":
-        return cls.build(task.vocab_size, task.seq_len, seed, **overrides)
+        return cls.build(task.vocab_size, task.seq_len, seed,
+                         **{**cls.task_model_config.get(task.name, {}), **overrides})
 
     @classmethod
     @abc.abstractmethod
@@ -119,6 +122,16 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def sites(self) -> dict[str, Site]:
         """name -> Site for every hook point."""
+
+    def answer_position(self, seq_len: int) -> int:
+        """The activation position at which the answer is computed, for inputs of length seq_len.
+
+        Activation positions 0..seq_len-1 are the input tokens in every family. Causal
+        families read the answer at the last input position; a family that appends slots
+        (the diffusion LM's answer slot) overrides this, and techniques read per-example
+        variables and patch the readout position here rather than at `task.primary_position`.
+        """
+        return seq_len - 1
 
     def decode(self, stream: torch.Tensor) -> torch.Tensor:
         """Apply the final readout to a stream activation: (batch, pos, d) -> (batch, pos, vocab)."""
@@ -210,13 +223,13 @@ class Adapter(abc.ABC):
     def fit(self, task, seed: int, **overrides: Any) -> TrainReport:
         """Train on the task's train split (answer at the last position) with AdamW.
 
-        Early stopping reads a validation set drawn from the train split; the reported
-        accuracy is on the test split, which training never sees.
+        Early stopping reads the task's validation split (sequences training never sees, so
+        a memorising model does not stop early); the reported accuracy is on the test split.
         """
         cfg = {**self.train_config, **self.task_train_config.get(task.name, {}), **overrides}
         gen = torch.Generator().manual_seed(seed)
         train = task.sample(cfg["n_train"], seed, "train")
-        val = task.sample(512, seed + 10_000, "train")
+        val = task.sample(512, seed, "val")
         test = task.sample(1024, seed, "test")
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         warmup = max(1, cfg["warmup"])

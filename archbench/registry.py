@@ -27,6 +27,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "kan": "archbench.adapters.kan:KANAdapter",
         "spiking": "archbench.adapters.spiking:SpikingAdapter",
         "reservoir": "archbench.adapters.reservoir:ReservoirAdapter",
+        "nvar": "archbench.adapters.nvar:NVARAdapter",
     },
     "techniques": {
         "probe": "archbench.techniques.probe:Probe",

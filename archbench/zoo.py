@@ -37,7 +37,8 @@ def organism_id(arch: str, task, seed: int) -> str:
     cls = registry.adapter(arch)
     identity = {
         "arch": arch, "model": cls.default_config, "train": cls.train_config,
-        "task_train": cls.task_train_config.get(task.name, {}), "task": task.name,
+        "task_train": cls.task_train_config.get(task.name, {}),
+        "task_model": cls.task_model_config.get(task.name, {}), "task": task.name,
         "task_config": task.config(), "seed": seed, "archbench": __version__,
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()

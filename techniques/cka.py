@@ -4,7 +4,7 @@ Linear centred kernel alignment (Kornblith et al. 2019, "Similarity of neural ne
 representations revisited"): CKA(X, Y) = <K, L>_F / (||K||_F ||L||_F) for the centred Gram
 matrices K = Xc Xc^T, L = Yc Yc^T; invariant to rotation and isotropic scaling.
 
-Per cell: X is a `stream` or `state` site's activation at `task.primary_position` on test
+Per cell: X is a `stream` or `state` site's activation at the answer position (`adapter.answer_position`) on test
 examples, Y the one-hot of the primary variable, and the score is the largest CKA over the
 sites (the deepest is excluded when there is another, as in patching: it is the readout's
 input, so any model that solves the task represents the answer there). CKA is not a mean
@@ -73,7 +73,7 @@ class CKA(Technique):
         deepest = max(names, key=lambda nm: adapter.specs[nm].layer or 0)
         details, loo = [], {}
         for nm in names:
-            theta, loo[nm] = linear_cka(acts[nm][:, task.primary_position].flatten(1), y, loo=True)
+            theta, loo[nm] = linear_cka(acts[nm][:, adapter.answer_position(task.seq_len)].flatten(1), y, loo=True)
             details.append({"site": nm, "role": adapter.specs[nm].role, "layer": adapter.specs[nm].layer,
                             "cka": theta, "scored": nm != deepest or len(names) == 1})
         best = max((d for d in details if d["scored"]), key=lambda d: d["cka"])
@@ -96,7 +96,8 @@ def cka_matrix(adapters: dict, task, seed: int, n: int = 512, roles=("embed",) +
         names = adapter.names(list(roles))
         acts = adapter.run(test.tokens, cache=names).cache
         for nm in names:
-            reps[(arch, nm)] = (acts[nm][:, task.primary_position].flatten(1), adapter.specs[nm].layer)
+            at = adapter.answer_position(task.seq_len)
+            reps[(arch, nm)] = (acts[nm][:, at].flatten(1), adapter.specs[nm].layer)
     keys = list(reps)
     rows = []
     for i, a in enumerate(keys):

@@ -41,7 +41,8 @@ class Patching(Technique):
         if not bool(keep.any()):
             return Result.not_applicable("no counterfactual pair changes the answer")
         base, source, expected = cf.base[keep], cf.source[keep], cf.expected[keep]  # (n, T), (n, T), (n,)
-        n, T = base.shape
+        n = base.shape[0]
+        T = adapter.answer_position(base.shape[1]) + 1  # activation positions up to the answer's
         names = adapter.names(list(SITE_ROLES))
         src = adapter.run(source, cache=names).cache  # name -> (n, T, *features)
 

@@ -3,7 +3,7 @@
 A multinomial logistic-regression probe (Alain & Bengio 2016, "Understanding intermediate
 layers using linear classifier probes"; Belinkov 2022, "Probing classifiers: promises,
 shortcomings, and advances") is fitted on the activations of every `embed`, `stream` and
-`state` hook point, read at `task.primary_position` when the latent is per example, or at
+`state` hook point, read at the answer position (`adapter.answer_position`) when the latent is per example, or at
 every position when it is per position. Features are flattened and standardised; the probe
 is fitted in torch with full-batch L-BFGS and a small L2 penalty, all sites of one feature
 width at once.
@@ -30,7 +30,7 @@ def _features(act: torch.Tensor, latent: torch.Tensor, position: int) -> torch.T
     """(n, T, *features) -> (rows, F): one row per example, or per (example, position)."""
     if latent.dim() == 1:
         return act[:, position].flatten(1).float()  # (n, F)
-    return act.flatten(2).flatten(0, 1).float()  # (n*T, F)
+    return act[:, :latent.shape[1]].flatten(2).flatten(0, 1).float()  # (n*T, F): input positions
 
 
 def _fit_predict(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
@@ -86,7 +86,7 @@ class Probe(Technique):
         denom = max(1.0 - baseline, 1e-9)
 
         # Group sites by feature width so that each group is one batched fit.
-        pos = task.primary_position
+        pos = adapter.answer_position(task.seq_len)  # where per-example latents are read
         groups: dict[int, list[str]] = defaultdict(list)
         x_tr, x_te = {}, {}
         for name in names:

@@ -2,7 +2,7 @@
 
 A TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders";
 Bricken et al. 2023, "Towards monosemanticity") is trained full-batch with Adam on one
-site's activations at `task.primary_position` (train split, centred and scaled to unit
+site's activations at the answer position (`adapter.answer_position`) (train split, centred and scaled to unit
 mean square per feature; decoder rows kept at unit norm; encoder initialised as the decoder's
 transpose). The site is the `stream` or `state` site (the deepest excluded when there is
 another: it is the readout's input) where a closed-form ridge probe of the primary variable
@@ -77,6 +77,7 @@ class SAE(Technique):
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:
         cfg, pos = self.config, task.primary_position
+        at = adapter.answer_position(task.seq_len)  # activation position of the answer
         train, test = task.sample(cfg["n_train"], seed, "train"), task.sample(cfg["n_test"], seed, "test")
         names = adapter.names(list(SITE_ROLES))
         tr, te = adapter.run(train.tokens, cache=names), adapter.run(test.tokens, cache=names)
@@ -92,13 +93,13 @@ class SAE(Technique):
         onehot = lambda y: (y[:, None] == classes[None]).double()  # (n, C)
         probe = {}
         for nm in candidates:
-            w = fit_affine(tr.cache[nm][:, pos].flatten(1).double(), onehot(y_tr), 1e-3)  # (F+1, C)
-            pred = classes[apply_affine(te.cache[nm][:, pos].flatten(1).double(), w).argmax(-1)]
+            w = fit_affine(tr.cache[nm][:, at].flatten(1).double(), onehot(y_tr), 1e-3)  # (F+1, C)
+            pred = classes[apply_affine(te.cache[nm][:, at].flatten(1).double(), w).argmax(-1)]
             probe[nm] = float((pred == y_te).float().mean())
         site = max(candidates, key=lambda nm: probe[nm])
 
-        a_tr = tr.cache[site][:, pos].flatten(1).float()  # (N, F)
-        a_te = te.cache[site][:, pos].flatten(1).float()  # (M, F)
+        a_tr = tr.cache[site][:, at].flatten(1).float()  # (N, F)
+        a_te = te.cache[site][:, at].flatten(1).float()  # (M, F)
         center, scale = a_tr.mean(0), a_tr.sub(a_tr.mean(0)).pow(2).mean().sqrt().clamp_min(1e-8)
         x_tr, x_te = (a_tr - center) / scale, (a_te - center) / scale  # (N, F), (M, F)
         m = min(cfg["expansion"] * x_tr.shape[1], cfg["max_latents"])
@@ -124,7 +125,7 @@ class SAE(Technique):
 
         def splice(act, spec):
             act = act.clone()
-            act[:, pos] = full.to(act)
+            act[:, at] = full.to(act)
             return act
 
         spliced = adapter.run(test.tokens, interventions={site: splice}).logits[:, -1].argmax(-1)

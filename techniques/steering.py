@@ -3,7 +3,7 @@
 Contrastive activation addition (Rimsky et al. 2024, "Steering Llama 2 via contrastive
 activation addition"; Turner et al. 2023, "Activation addition"): the steering vector from
 value u to value v of the primary variable at a site is mean(act | latent = v) -
-mean(act | latent = u), computed on train examples at `task.primary_position`. For each
+mean(act | latent = u), computed on train examples at the answer position. For each
 counterfactual pair (base, source) of `task.counterfactuals`, with u = base's value and
 v = source's value, the vector times a scale is added to base's activation at that
 position, and the steer succeeds when the answer at the last position becomes `expected`
@@ -34,6 +34,7 @@ class Steering(Technique):
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:
         cfg, pos = self.config, task.primary_position
+        at = adapter.answer_position(task.seq_len)  # activation position of the answer
 
         def value(tokens):  # the primary variable at the primary position: (n,)
             lat = task.latents(tokens)[task.primary]
@@ -58,13 +59,13 @@ class Steering(Technique):
 
         hits = {}  # name -> (S, n) 0/1
         for name in names:
-            x = acts[name][:, pos].flatten(1).float()  # (N, F)
+            x = acts[name][:, at].flatten(1).float()  # (N, F)
             mu = torch.zeros(len(classes), x.shape[1]).index_add_(0, y, x) / counts  # (C, F)
             delta = (scales[:, None, None] * (mu[v] - mu[u])).flatten(0, 1)  # (S*n, F)
 
             def add(act, spec, delta=delta):
                 act = act.clone()
-                act[:, pos] += delta.view(-1, *act.shape[2:]).to(act)  # (S*n, *f)
+                act[:, at] += delta.view(-1, *act.shape[2:]).to(act)  # (S*n, *f)
                 return act
 
             out = adapter.run(base.repeat(len(scales), 1), interventions={name: add})
@@ -78,7 +79,7 @@ class Steering(Technique):
             for s, scale in enumerate(cfg["scales"]):
                 details.append({"site": name, "role": spec.role, "layer": spec.layer, "scale": scale,
                                 "success": float(hits[name][s].mean()),
-                                "trivial": name == deepest and pos == T - 1})
+                                "trivial": name == deepest})
         scored = [d for d in details if not d["trivial"]]
         if not scored:
             return Result.not_applicable(f"{adapter.family} has no intermediate site to steer")

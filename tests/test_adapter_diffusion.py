@@ -115,3 +115,24 @@ def test_training_and_techniques_end_to_end():
     patch = Patching(n_pairs=16)(adapter, task, 0)
     assert probe.applicable and 0.0 <= probe.score <= 1.0
     assert patch.applicable and (patch.score is None or 0.0 <= patch.score <= 1.0)
+
+
+def test_techniques_read_the_answer_slot_not_the_last_input():
+    """Activations have T+1 positions; the answer is computed at the slot (position T)."""
+    from archbench.tasks.count import Count
+    from archbench.techniques.patching import Patching
+    from archbench.techniques.probe import Probe
+
+    task = Count()
+    adapter = DiffusionAdapter.for_task(task, 0)
+    T = task.seq_len
+    assert adapter.answer_position(T) == T
+    acts = adapter.run(task.sample(4, 0).tokens, cache="stream").cache
+    assert all(a.shape[1] == T + 1 for a in acts.values())
+    # count's running count is per position: the probe reads the T input positions only
+    assert Probe(n_train=64, n_test=32, steps=5)(adapter, task, 0).applicable
+    patch = Patching(n_pairs=8)(adapter, task, 0)
+    positions = {d["position"] for d in patch.details}
+    assert positions == set(range(T + 1))  # the inputs and the answer slot
+    trivial = [d for d in patch.details if d["trivial"] and d["role"] != "embed"]
+    assert {d["position"] for d in trivial} == {T}  # the deepest site at the slot

@@ -120,6 +120,25 @@ def test_train_and_test_share_no_sequence(task):
 
 
 @pytest.mark.parametrize("task", TASKS, ids=IDS)
+def test_the_validation_split_is_disjoint_from_train_and_test(task):
+    sets = {split: set(map(tuple, task.sample(600, seed=0, split=split).tokens.tolist()))
+            for split in ("train", "val", "test")}
+    assert not sets["val"] & sets["train"] and not sets["val"] & sets["test"]
+    codes = task.split_of(np.array(sorted(sets["val"])))
+    assert (codes == 1).all()
+
+
+def test_an_empty_split_is_an_error_not_an_endless_loop():
+    class NoVal(Parity):
+        val_fraction = 0.0
+
+    with pytest.raises(ValueError, match="val split is .*empty"):
+        NoVal().sample(8, seed=0, split="val")
+    with pytest.raises(ValueError, match="split must be one of"):
+        Parity().sample(8, seed=0, split="dev")
+
+
+@pytest.mark.parametrize("task", TASKS, ids=IDS)
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_counterfactuals(task, split):
     cf = task.counterfactuals(N, seed=5, split=split)

@@ -46,6 +46,16 @@ class Counterfactuals:
         return self.base.shape[0]
 
 
+SPLITS = ("train", "val", "test")
+MAX_DRAWS = 1000  # rounds of rejection sampling before a split is declared empty
+
+
+def _split_code(split: str) -> int:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    return SPLITS.index(split)
+
+
 class Task(abc.ABC):
     """A model system with known ground truth.
 
@@ -58,6 +68,7 @@ class Task(abc.ABC):
     primary: ClassVar[str]
     description: ClassVar[str] = ""
     test_fraction: ClassVar[float] = 0.2
+    val_fraction: ClassVar[float] = 0.1
 
     vocab_size: int
     seq_len: int
@@ -84,46 +95,65 @@ class Task(abc.ABC):
         """A source sequence per base that differs in the primary variable: (n, T) int."""
 
     # --- shared machinery --------------------------------------------------------------
-    def in_test_split(self, tokens: np.ndarray) -> np.ndarray:
-        """(n,) bool: a sequence's split is a pure function of its content (a stable hash)."""
-        out = np.empty(len(tokens), dtype=bool)
+    def split_of(self, tokens: np.ndarray) -> np.ndarray:
+        """(n,) split codes (0 train, 1 val, 2 test): a pure function of content (a stable hash).
+
+        The hash is uniform on [0, 1): below `test_fraction` is test, the next
+        `val_fraction` is val (early stopping reads it, so a memorising model cannot stop
+        early), the rest is train.
+        """
+        u = np.empty(len(tokens))
         for i, row in enumerate(np.asarray(tokens, dtype=np.int64)):
             digest = hashlib.blake2b(row.tobytes(), digest_size=8).digest()
-            out[i] = int.from_bytes(digest, "little") / 2**64 < self.test_fraction
-        return out
+            u[i] = int.from_bytes(digest, "little") / 2**64
+        return np.where(u < self.test_fraction, 2, np.where(u < self.test_fraction + self.val_fraction, 1, 0))
+
+    def in_test_split(self, tokens: np.ndarray) -> np.ndarray:
+        """(n,) bool: the sequence is in the test split."""
+        return self.split_of(tokens) == 2
 
     def _draw(self, rng: np.random.Generator, n: int, split: str) -> np.ndarray:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-        want_test = split == "test"
+        code = _split_code(split)
         rows: list[np.ndarray] = []
         have = 0
-        while have < n:
+        for _ in range(MAX_DRAWS):
+            if have >= n:
+                return np.concatenate(rows)[:n]
             batch = self._random_inputs(rng, max(64, 2 * (n - have)))
-            keep = batch[self.in_test_split(batch) == want_test]
+            keep = batch[self.split_of(batch) == code]
             rows.append(keep)
             have += len(keep)
-        return np.concatenate(rows)[:n]
+        if have >= n:
+            return np.concatenate(rows)[:n]
+        raise ValueError(f"{self.name}: the {split} split is (nearly) empty for this config "
+                         f"({have} of {n} examples after {MAX_DRAWS} draws); enlarge the task")
 
     def sample(self, n: int, seed: int, split: str = "train") -> Examples:
         """n examples of one split, deterministic in (task config, seed, split)."""
-        rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+        stream = (0, 4, 1)[_split_code(split)]  # train and test keep their original streams
+        rng = np.random.default_rng([seed, stream])
         tokens = torch.as_tensor(self._draw(rng, n, split), dtype=torch.long)  # (n, T)
         return Examples(tokens=tokens, answer=self.rule(tokens), latents=self.latents(tokens),
                         relevant=self.relevance(tokens))
 
     def counterfactuals(self, n: int, seed: int, split: str = "test") -> Counterfactuals:
         """n interchange pairs on the primary variable; base and source both in `split`."""
-        rng = np.random.default_rng([seed, 2 if split == "train" else 3])
+        code = _split_code(split)
+        rng = np.random.default_rng([seed, (2, 5, 3)[code]])
         bases, sources = [], []
         have = 0
-        while have < n:
+        for _ in range(MAX_DRAWS):
+            if have >= n:
+                break
             base = self._draw(rng, n - have, split)
             source = self._counterfactual_source(rng, base)
-            keep = self.in_test_split(source) == (split == "test")
+            keep = self.split_of(source) == code
             bases.append(base[keep])
             sources.append(source[keep])
             have += int(keep.sum())
+        if have < n:
+            raise ValueError(f"{self.name}: too few counterfactual sources in the {split} split "
+                             f"({have} of {n}); enlarge the task")
         base_t = torch.as_tensor(np.concatenate(bases)[:n], dtype=torch.long)
         source_t = torch.as_tensor(np.concatenate(sources)[:n], dtype=torch.long)
         return Counterfactuals(base=base_t, source=source_t, base_answer=self.rule(base_t),

@@ -125,9 +125,9 @@ class Facts(Task):
                          self.relation0 + r], axis=1)  # (F*S*R, 4)
 
     def _check_train_covers_facts(self) -> None:
-        in_test = self.in_test_split(self.all_inputs())  # (F*S*R,)
-        in_test = in_test.reshape(self.n_fillers, self.n_subjects * self.n_relations)
-        if in_test.all(axis=0).any():
+        held_out = self.split_of(self.all_inputs()) != 0  # (F*S*R,) val or test
+        held_out = held_out.reshape(self.n_fillers, self.n_subjects * self.n_relations)
+        if held_out.all(axis=0).any():
             raise ValueError("facts: some (subject, relation) pair has no train context; "
                              "use more fillers or another kb_seed")
 
