@@ -33,6 +33,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("ARCHBENCH_CACHE", Path.home() / ".cache" / "archbench"))
 
 
+# Bumped whenever training changes meaning without a config change (e.g. the validation
+# split used for early stopping), so cached organisms from older code are not reused.
+TRAINING_FORMAT = 2
+
+
 def organism_id(arch: str, task, seed: int) -> str:
     cls = registry.adapter(arch)
     identity = {
@@ -40,6 +45,7 @@ def organism_id(arch: str, task, seed: int) -> str:
         "task_train": cls.task_train_config.get(task.name, {}),
         "task_model": cls.task_model_config.get(task.name, {}), "task": task.name,
         "task_config": task.config(), "seed": seed, "archbench": __version__,
+        "training_format": TRAINING_FORMAT,
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     return f"{arch}/{task.name}/seed{seed}-{digest[:12]}"

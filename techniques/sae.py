@@ -139,4 +139,7 @@ class SAE(Technique):
                      "accuracy_clean": acc_clean,
                      "accuracy_spliced": float((spliced == test.answer).float().mean()),
                      "mean_abs_corr_by_latent": by_latent,
-                     "dead_latents": int((z_tr.abs().sum(0) == 0).sum())})
+                     "dead_latents": int((z_tr.abs().sum(0) == 0).sum()),
+                     # few distinct activations (a small task) leave most latents unused:
+                     # with D distinct rows, TopK can use at most D * k latents
+                     "distinct_activations": int(torch.unique(a_tr.round(decimals=5), dim=0).shape[0])})

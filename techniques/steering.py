@@ -8,8 +8,11 @@ counterfactual pair (base, source) of `task.counterfactuals`, with u = base's va
 v = source's value, the vector times a scale is added to base's activation at that
 position, and the steer succeeds when the answer at the last position becomes `expected`
 (the answer base would have with value v). Every `stream` and `state` site is tried at
-scales {1, 2, 4, 8}; pairs whose expected answer equals the base answer, or whose values
-the train split never shows, are dropped.
+scales {0.5, 1, 2}; pairs whose expected answer equals the base answer, or whose values
+the train split never shows, are dropped. At scale 1 the vector moves the class mean of u
+exactly onto that of v; much larger scales push activations far outside the range the
+model ever produces, where a big enough push of almost any direction correlated with the
+answer overrides the computation, so they are not tried.
 
 Scoring: success rate per (site, scale); the score is the best cell's, and `per_example`
 holds that cell's 0/1 successes. As in patching, the deepest site is not scored when the
@@ -29,7 +32,7 @@ SITE_ROLES = ("stream", "state")
 class Steering(Technique):
     name = "steering"
     roles = frozenset(SITE_ROLES)
-    default_config = {"n_train": 1024, "n_pairs": 256, "scales": (1.0, 2.0, 4.0, 8.0)}
+    default_config = {"n_train": 1024, "n_pairs": 256, "scales": (0.5, 1.0, 2.0)}
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:
