@@ -14,7 +14,8 @@ is hooked*, runs the same computation written out here (in_proj, transformers' o
 conv, x_proj, dt_proj, A_log, D, the same sequential scan) while materialising the states
 (batch, pos, d_inner, d_state) and passing them through the HookPoint; it is tested bit-equal
 to transformers' own mixer. With no hook on the state, the mixer is transformers' forward,
-untouched.
+untouched. The scan and this dispatch (`scan`, `HookedScan`) are shared with the Mamba-2
+adapter (adapters/mamba2.py).
 
 Patching the state: the intervention sees the clean states of every step; at each
 (example, step) where it returned a different value, the scan takes the returned state and
@@ -44,16 +45,56 @@ D = ("batch", "pos", "d_model")
 STATE = ("batch", "pos", "d_inner", "d_state")
 
 
-class HookedMambaMixer(hf_mamba.MambaMixer):
-    """transformers' MambaMixer whose per-step state is a HookPoint (see the module docstring)."""
+def scan(dA: torch.Tensor, dBx: torch.Tensor, edited: torch.Tensor | None = None,
+         changed: torch.Tensor | None = None) -> torch.Tensor:
+    """The sequential linear recurrence h_t = dA_t * h_{t-1} + dBx_t from h_{-1} = 0, over axis 1.
+
+    dA broadcasts against dBx (batch, T, *state). Where `changed[b, t]`, the state at t is
+    `edited[b, t]` instead and the recurrence runs on from it. Returns (batch, T, *state).
+    Shared by the Mamba-1 and Mamba-2 adapters.
+    """
+    state = torch.zeros_like(dBx[:, 0])  # (B, *state)
+    states = []
+    for t in range(dBx.shape[1]):
+        state = dA[:, t] * state + dBx[:, t]  # (B, *state)
+        if edited is not None:
+            c = changed[:, t].view(-1, *([1] * (state.dim() - 1)))  # (B, 1, ...)
+            state = torch.where(c, edited[:, t], state)
+        states.append(state)
+    return torch.stack(states, 1)  # (B, T, *state)
+
+
+class HookedScan:
+    """Mixin for a transformers SSM mixer: its per-step state is a HookPoint (module docstring).
+
+    The mixer's own forward runs unless `hook_state` is hooked (and no inference cache is
+    passed); then `scan_forward`, which the mixer class writes out, runs instead and routes
+    its states through `hooked_states`.
+    """
 
     hook_state: HookPoint
+    last_states: torch.Tensor | None
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
         hook = self.hook_state
         if cache is not None or not (hook._forward_hooks or hook._forward_pre_hooks):
             return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
         return self.scan_forward(hidden_states, attention_mask)
+
+    def hooked_states(self, dA: torch.Tensor, dBx: torch.Tensor) -> torch.Tensor:
+        """Run the scan, pass its states through `hook_state`, and rerun it through any edit."""
+        clean = scan(dA, dBx)  # (B, T, *state)
+        states = self.hook_state(clean)
+        self.last_states = None
+        if states is not clean:  # an intervention edited some steps: rerun the scan through them
+            changed = (states != clean).flatten(2).any(-1)  # (B, T)
+            states = scan(dA, dBx, states, changed)
+            self.last_states = states
+        return states
+
+
+class HookedMambaMixer(HookedScan, hf_mamba.MambaMixer):
+    """transformers' MambaMixer whose per-step state is a HookPoint (see the module docstring)."""
 
     def scan_forward(self, hidden_states: torch.Tensor, attention_mask=None) -> torch.Tensor:
         """transformers' full-sequence torch path, with the states materialised and hookable."""
@@ -73,25 +114,8 @@ class HookedMambaMixer(hf_mamba.MambaMixer):
         dt = F.softplus(dt + self.dt_proj.bias.float()[..., None])  # (B, d_inner, T)
         dA = torch.exp(A[None, :, None, :] * dt[:, :, :, None])  # (B, d_inner, T, d_state)
         dBu = dt[:, :, :, None] * B[:, None, :, :].float() * u[:, :, :, None].float()  # (B, d_inner, T, d_state)
-        batch, d_inner, T = u.shape
-
-        def scan(edited=None, changed=None):
-            state = torch.zeros(batch, d_inner, A.shape[-1], dtype=input_dtype, device=u.device)
-            states = []
-            for t in range(T):
-                state = dA[:, :, t] * state + dBu[:, :, t]  # (B, d_inner, d_state)
-                if edited is not None:
-                    state = torch.where(changed[:, t, None, None], edited[:, t], state)
-                states.append(state)
-            return torch.stack(states, 1)  # (B, T, d_inner, d_state)
-
-        clean = scan()
-        states = self.hook_state(clean)
-        self.last_states = None
-        if states is not clean:  # an intervention edited some steps: rerun the scan through them
-            changed = (states != clean).flatten(2).any(-1)  # (B, T)
-            states = scan(states, changed)
-            self.last_states = states
+        states = self.hooked_states(dA.transpose(1, 2), dBu.transpose(1, 2))  # (B, T, d_inner, d_state)
+        T = u.shape[-1]
         y = torch.stack([torch.matmul(states[:, t].to(input_dtype), C[:, t, :].unsqueeze(-1))[:, :, 0]
                          for t in range(T)], dim=-1)  # (B, d_inner, T)
         y = (y + u * self.D.float()[None, :, None]) * F.silu(gate)  # (B, d_inner, T)
@@ -102,6 +126,8 @@ class MambaAdapter(Adapter):
     family = "mamba"
     capabilities = frozenset({"gradients", "trainable", "recurrent_state", "readout"})
     default_config = {"d_model": 64, "n_layers": 2, "d_state": 16, "expand": 2, "d_conv": 4}
+    mixer_class = HookedMambaMixer
+    state_axes = STATE
     task_train_config = {
         "modadd": {"steps": 3000, "lr": 3e-3, "weight_decay": 1.0, "n_train": 8192},
         "parity": {"steps": 2500},
@@ -116,11 +142,11 @@ class MambaAdapter(Adapter):
                          pad_token_id=None, bos_token_id=None, eos_token_id=None)
         return cls._prepare(MambaForCausalLM(hf))
 
-    @staticmethod
-    def _prepare(model: MambaForCausalLM) -> MambaForCausalLM:
+    @classmethod
+    def _prepare(cls, model: MambaForCausalLM) -> MambaForCausalLM:
         for block in model.backbone.layers:
-            if not isinstance(block.mixer, HookedMambaMixer):
-                block.mixer.__class__ = HookedMambaMixer  # same parameters, one HookPoint more
+            if not isinstance(block.mixer, cls.mixer_class):
+                block.mixer.__class__ = cls.mixer_class  # same parameters, one HookPoint more
                 block.mixer.hook_state = HookPoint()
                 block.mixer.last_states = None
         return model.eval()
@@ -159,7 +185,7 @@ class MambaAdapter(Adapter):
     def hook_points(self) -> list[HookSpec]:
         specs = [HookSpec("embed", "embed", D, layer=0)]
         for i in range(self.config["n_layers"]):
-            specs += [HookSpec(f"blocks.{i}.ssm.state", "state", STATE, layer=i),
+            specs += [HookSpec(f"blocks.{i}.ssm.state", "state", self.state_axes, layer=i),
                       HookSpec(f"blocks.{i}.ssm.out", "mixer", D, layer=i),
                       HookSpec(f"blocks.{i}.resid_post", "stream", D, layer=i + 1)]
         return specs + [HookSpec("logits", "logits", ("batch", "pos", "vocab"),

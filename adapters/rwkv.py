@@ -5,8 +5,8 @@ of past values, read through a sigmoid receptance) and a channel-mixing feed-for
 with token shift (Peng et al. 2023, "RWKV: reinventing RNNs for the transformer era").
 Organisms are built from a tiny `RwkvConfig` with `rescale_every=0` (no inference-time
 rescaling, so training and evaluation compute the same function); `from_pretrained` wraps a
-local `save_pretrained` directory. Loading RWKV `.pth` checkpoints through the `rwkv` package
-is not supported (inference-only weights in a dict, no modules).
+local `save_pretrained` directory. RWKV `.pth` checkpoints (v4-v6, inference only) load
+through the `rwkv` package in adapters/rwkv_pth.py instead.
 
 The WKV state is not a module output. Every time-mixing module gets a `hook_state` HookPoint
 and a forward that, *only while that HookPoint is hooked*, runs transformers' CPU WKV loop

@@ -83,6 +83,9 @@ class Adapter(abc.ABC):
         "eval_every": 100, "target": 0.99, "warmup": 100,
     }
     task_train_config: ClassVar[dict[str, dict[str, Any]]] = {}
+    # False for adapters that only wrap users' checkpoints (no organisms to train from a
+    # task config): the matrix leaves them out.
+    organisms: ClassVar[bool] = True
     # Model-config overrides per task, applied by `for_task` (part of the organism's identity).
     task_model_config: ClassVar[dict[str, dict[str, Any]]] = {}
 
