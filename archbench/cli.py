@@ -1,4 +1,4 @@
-"""The `archbench` command line: list, inspect, run --matrix, report, zoo.
+"""The `archbench` command line: list, inspect, run --matrix, report, zoo, cite.
 
 Examples:
   archbench list adapters
@@ -6,6 +6,7 @@ Examples:
   archbench run --matrix --quick --results results/
   archbench run --matrix --arch transformer --technique probe --task modadd,count --seeds 3
   archbench report --results results/
+  archbench cite --results results/ > references.bib
   archbench zoo build --arch transformer --task modadd --seeds 2
 
 Bad input (an unknown name, a bad flag value, an unreadable results directory) prints one
@@ -15,6 +16,7 @@ line that says what to fix and exits with status 2; nothing already computed is 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sqlite3
 import sys
 from pathlib import Path
@@ -106,19 +108,60 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _amount(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+    return x
+
+
+def _executor(args):
+    """`local`, or a Ray executor built from the ray flags (which need `--executor ray`)."""
+    from archbench import runner
+
+    ray_flags = {"--address": args.address, "--ray-cpus-per-task": args.ray_cpus_per_task,
+                 "--ray-gpus-per-task": args.ray_gpus_per_task}
+    if args.executor != "ray":
+        given = [flag for flag, value in ray_flags.items() if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} needs --executor ray")
+        return args.executor
+    if args.ray_cpus_per_task == 0:
+        raise UsageError("--ray-cpus-per-task must be > 0 (fractions such as 0.5 are fine)")
+    try:
+        return runner.EXECUTORS["ray"](args.workers, address=args.address,
+                                       num_cpus=args.ray_cpus_per_task or 1,
+                                       num_gpus=args.ray_gpus_per_task or 0)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _matrix_archs(value: str | None) -> list[str]:
+    """Adapters for the matrix: by default every adapter that trains organisms."""
+    archs = _names("adapters", value)
+    wrappers = [a for a in archs if not registry.adapter(a).organisms]
+    if value and wrappers:
+        raise UsageError(f"{', '.join(wrappers)} only wraps your own checkpoints and has no organisms "
+                         "to train; leave it out of --arch and use it from Python")
+    return [a for a in archs if a not in wrappers]
+
+
 def cmd_run(args) -> int:
     from archbench import report, runner
 
     if not args.matrix:
         raise UsageError("say what to run: `archbench run --matrix` (filters: --arch, --technique, --task)")
-    archs = _names("adapters", args.arch)
+    archs = _matrix_archs(args.arch)
     techniques = _names("techniques", args.technique)
     tasks = _names("tasks", args.task)
     n_seeds = args.seeds or (runner.QUICK_SEEDS if args.quick else runner.DEFAULT_SEEDS)
     results = _results_dir(args.results)
     specs = runner.expand(archs, techniques, tasks, range(n_seeds))
     summary = runner.run_matrix(specs, results, workers=args.workers, gate=args.gate,
-                                executor=args.executor, progress=not args.no_progress)
+                                executor=_executor(args), progress=not args.no_progress)
     board = report.write(results)
     print(f"{summary.total} cells: {summary.skipped} already done, {summary.ok} ok, {summary.na} n/a, "
           f"{summary.error} errors in {summary.seconds:.1f} s; leaderboard: {board}")
@@ -127,10 +170,42 @@ def cmd_run(args) -> int:
     return 1 if summary.error else 0
 
 
+def _formats(value: str) -> list[str]:
+    from archbench.report import FORMATS
+
+    names = [f.strip() for f in value.split(",") if f.strip()]
+    for f in names:
+        if f not in FORMATS:
+            hint = difflib.get_close_matches(f, FORMATS, n=1)
+            raise argparse.ArgumentTypeError(f"unknown format {f!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                                             + f" (formats: {','.join(FORMATS)})")
+    if not names:
+        raise argparse.ArgumentTypeError(f"give at least one format of {','.join(FORMATS)}")
+    return names
+
+
 def cmd_report(args) -> int:
+    import time
+
     from archbench import report
 
-    print(report.write(_results_dir(args.results, must_exist=True)))
+    results = _results_dir(args.results, must_exist=True)
+    start = time.perf_counter()
+    board = report.write(results, formats=args.format or report.FORMATS)
+    written = [p for p in ("LEADERBOARD.md", "leaderboard.tex", "cells.csv", "index.html", "figures")
+               if (results / p).exists()]
+    print(f"{board} ({', '.join(written)} in {results}; {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_cite(args) -> int:
+    from archbench import cite
+
+    if args.results is None:
+        print(cite.render(registry.names("techniques"), registry.names("adapters")), end="")
+        return 0
+    techniques, adapters = cite.used_names(_results_dir(args.results, must_exist=True))
+    print(cite.render(techniques, adapters), end="")
     return 0
 
 
@@ -180,16 +255,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", help="comma-separated tasks (default: all)")
     s.add_argument("--seeds", type=_positive, help=f"number of seeds (default 5; 2 with --quick)")
     s.add_argument("--quick", action="store_true", help="fewer seeds: a smoke-test matrix in minutes")
-    s.add_argument("--workers", type=_positive, help="worker processes (default: number of cores)")
-    s.add_argument("--executor", choices=["local"], default="local")
+    s.add_argument("--workers", type=_positive, help="worker processes (default: number of cores); with "
+                   "--executor ray: CPUs of the local Ray instance, or tasks in flight on a cluster")
+    s.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: a process pool here (default); ray: one Ray task per organism and cell "
+                        '(pip install "archbench[ray]")')
+    s.add_argument("--address", help="Ray cluster to join (e.g. auto, ray://head:10001; default: start "
+                   "a local Ray); $ARCHBENCH_CACHE must then be a filesystem shared by every node")
+    s.add_argument("--ray-cpus-per-task", type=_amount, help="CPUs each Ray task reserves (default 1)")
+    s.add_argument("--ray-gpus-per-task", type=_amount, help="GPUs each Ray task reserves (default 0)")
     s.add_argument("--gate", type=_fraction, default=0.9, help="held-out accuracy an organism needs (default 0.9)")
     s.add_argument("--results", default="results", help="results directory (default: results)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("report", help="write LEADERBOARD.md from the store (recomputes nothing)")
+    s = sub.add_parser("report", help="write the leaderboard (md, tex, csv, html, figures) from the store; "
+                                      "recomputes nothing",
+                       epilog="example: archbench report --results results/ --format md,html")
     s.add_argument("--results", default="results")
+    s.add_argument("--format", type=_formats, default=None,
+                   help="comma-separated subset of md,tex,csv,html,png (default: all)")
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("cite", help="BibTeX for archbench and the techniques and architectures used",
+                       epilog="example: archbench cite --results results/ > references.bib")
+    s.add_argument("--results", help="cite what this results directory used (default: everything registered)")
+    s.set_defaults(fn=cmd_cite)
 
     s = sub.add_parser("zoo", help="train organisms into the cache, or list the cache")
     s.add_argument("action", choices=["build", "ls"])

@@ -1,115 +1,153 @@
-"""The leaderboard: Markdown tables rendered from the results store alone.
+"""The publishable report, rendered from the results store alone.
 
-Reads cells and organisms, computes verdicts (archbench.verdict) and writes
-`LEADERBOARD.md` into the results directory. It never runs a model or recomputes a cell,
-and it renders stores that hold `error` and `n/a` rows.
+`write(results_dir)` reads the cells and organisms once, computes verdicts
+(`archbench.verdict`), builds the tables (`archbench.report_tables`) and figures
+(`archbench.figures`), and writes into the results directory:
+
+  LEADERBOARD.md     the tables in Markdown (this module), figures linked
+  leaderboard.tex    a standalone booktabs document (`archbench.report_latex`)
+  cells.csv          one tidy row per cell (this module)
+  index.html         one self-contained page, sortable tables, figures inline (`archbench.report_html`)
+  figures/*.png      transfer heatmap, score-by-depth panels per technique
+
+It never runs a model or recomputes a cell, and it renders stores that hold `error` and
+`n/a` rows. Output depends only on the store and the settings, so rendering twice gives the
+same files.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from archbench import verdict
-from archbench.store import Store, provenance
+from archbench import figures as figs
+from archbench import report_html, report_latex, verdict
+from archbench import report_tables as tables
+from archbench.report_tables import Table
+from archbench.store import Store
+
+FORMATS = ("md", "tex", "csv", "html", "png")
+TITLE = "archbench leaderboard"
 
 
-def _f(x, digits: int = 2) -> str:
-    return "" if x is None or pd.isna(x) else f"{x:.{digits}f}"
+@dataclass
+class ReportData:
+    cells: pd.DataFrame
+    organisms: pd.DataFrame
+    verdicts: pd.DataFrame  # one row per (technique, task, arch)
+    summary: pd.DataFrame  # one row per (technique, arch), tasks pooled
+    settings: verdict.Settings
 
 
-def _ci(lo, hi) -> str:
-    return "" if lo is None or pd.isna(lo) else f"[{lo:.2f}, {hi:.2f}]"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def transfer_matrix(summary: pd.DataFrame) -> str:
-    archs = sorted(summary.arch.unique())
-    rows = []
-    for tech, g in summary.groupby("technique", sort=True):
-        row = [tech]
-        for arch in archs:
-            r = g[g.arch == arch]
-            if r.empty:
-                row.append("")
-                continue
-            r = r.iloc[0]
-            cell = f"{verdict.GLYPHS[r.verdict]} {r.verdict}"
-            if "rho" in r and not pd.isna(r.get("rho")):
-                cell += f" ρ={r.rho:.2f} {_ci(r.rho_lo, r.rho_hi)}"
-            row.append(cell)
-        rows.append(row)
-    return _table(["technique"] + archs, rows)
-
-
-def behaviour_table(organisms: pd.DataFrame) -> str:
-    if organisms.empty:
-        return "_no organisms trained_"
-    acc = organisms.groupby(["task", "arch"]).accuracy.agg(["mean", "min", "count"]).reset_index()
-    archs = sorted(acc.arch.unique())
-    rows = []
-    for task, g in acc.groupby("task", sort=True):
-        row = [task]
-        for arch in archs:
-            r = g[g.arch == arch]
-            row.append("" if r.empty else f"{r['mean'].iloc[0]:.3f} (min {r['min'].iloc[0]:.2f}, n={r['count'].iloc[0]})")
-        rows.append(row)
-    return _table(["task"] + archs, rows)
-
-
-def per_task_table(v: pd.DataFrame, technique: str) -> str:
-    rows = []
-    for r in v[v.technique == technique].sort_values(["task", "arch"]).itertuples():
-        rows.append([r.task, r.arch, _f(getattr(r, "trained", None)), _f(getattr(r, "control", None)),
-                     _f(getattr(r, "effect", None)), _ci(getattr(r, "effect_lo", None), getattr(r, "effect_hi", None)),
-                     _f(getattr(r, "rho", None)), f"{verdict.GLYPHS[r.verdict]} {r.verdict}",
-                     getattr(r, "reason", "") or ""])
-    return _table(["task", "arch", "trained", "control", "effect", "95% CI", "ρ", "verdict", "note"], rows)
-
-
-def render(results_dir: str | Path, settings: verdict.Settings = verdict.Settings()) -> str:
+def load(results_dir: str | Path, settings: verdict.Settings = verdict.Settings()) -> ReportData:
     with Store(results_dir) as store:
         cells, organisms = store.cells(), store.organisms()
     if cells.empty:
-        return "# archbench leaderboard\n\n_the store holds no cells yet_\n"
-    v = verdict.verdicts(cells, settings)
-    s = verdict.summary(cells, settings)
-    counts = cells.status.value_counts().to_dict()
-    prov = cells.provenance.dropna().iloc[0] if cells.provenance.notna().any() else provenance()
-    parts = [
-        "# archbench leaderboard",
-        "Each cell: does the technique recover the task's known mechanism on this architecture as "
-        "well as on the reference, measured as the effect over a random-init control of the same "
-        "architecture and seed? Glyphs: " + ", ".join(f"{g} {k}" for k, g in verdict.GLYPHS.items()) + ".",
+        return ReportData(cells, organisms, pd.DataFrame(), pd.DataFrame(), settings)
+    return ReportData(cells, organisms, verdict.verdicts(cells, settings), verdict.summary(cells, settings), settings)
+
+
+def intro(settings: verdict.Settings) -> list[str]:
+    return [
+        "Each cell asks: does the technique recover the task's known mechanism on this architecture as "
+        f"well as on the reference ({settings.reference}), measured as the effect over a random-init "
+        "control of the same architecture and seed?",
         f"Thresholds: {settings.describe()}.",
-        "## Transfer matrix (technique × architecture, tasks pooled)",
-        transfer_matrix(s),
-        "## Behaviour (held-out accuracy of the trained organisms, task × architecture)",
-        behaviour_table(organisms),
     ]
-    for tech in sorted(cells.technique.unique()):
-        parts += [f"## {tech}: scores per task (trained vs random-init control)", per_task_table(v, tech)]
-    errors = cells[cells.status == "error"]
-    if len(errors):
-        parts += ["## Errors", _table(["cell", "last line"], [
-            [f"{r.technique}/{r.arch}/{r.task}/seed{r.seed}{'/control' if r.control else ''}",
-             (r.error or "").strip().splitlines()[-1] if r.error else ""] for r in errors.itertuples()])]
-    parts += ["## Provenance", _table(["key", "value"], [[k, v_] for k, v_ in prov.items()] + [
-        ["cells", ", ".join(f"{k}: {n}" for k, n in sorted(counts.items()))],
-        ["seeds", ", ".join(map(str, sorted(cells.seed.unique())))],
-        ["compute (cell wall time, s)", _f(cells.wall_s.sum(), 1)],
-        ["organism training (s)", _f(organisms.seconds.sum(), 1) if len(organisms) else "0"],
-    ])]
+
+
+def build_tables(d: ReportData) -> list[Table]:
+    s = d.settings
+    out = [tables.transfer_matrix(d.summary, s), tables.behaviour(d.organisms, d.cells, s.reference)]
+    sim = tables.similarity(d.cells, s.reference)
+    out += [sim] if sim is not None else []
+    out += [tables.per_task(d.verdicts, d.cells, tech, s) for tech in sorted(d.cells.technique.unique())]
+    err = tables.errors(d.cells)
+    out += [err] if err is not None else []
+    return out + [tables.provenance(d.cells, d.organisms, s)]
+
+
+def figure_captions(names) -> dict[str, list[tuple[str, str]]]:
+    """Table key -> (figure file name, caption) for the figures that belong after it."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for name in sorted(names):
+        if name == "transfer_matrix.png":
+            out.setdefault("transfer", []).append((name, "Transfer ratio ρ (colour) and verdict (glyph)."))
+        elif name.startswith("depth_"):
+            tech = name[len("depth_"):-len(".png")]
+            out.setdefault(f"task-{tech}", []).append(
+                (name, f"{tech}: best site per depth, trained (solid) and random-init control (dotted)."))
+    return out
+
+
+def _md_table(t: Table) -> str:
+    cell = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(map(cell, t.header)) + " |", "|" + "---|" * len(t.header)]
+    return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in t.rows])
+
+
+def markdown(tabs: list[Table], settings: verdict.Settings, captions: dict | None = None) -> str:
+    legend = ", ".join(f"{g} {k}" for k, g in verdict.GLYPHS.items())
+    parts = [f"# {TITLE}", *intro(settings), f"Glyphs: {legend}.",
+             "Also in this directory: `index.html` (sortable tables, figures), `leaderboard.tex`, "
+             "`cells.csv`, `figures/`. References: `archbench cite --results <this directory>`."]
+    for t in tabs:
+        parts += [f"## {t.title}", t.note, _md_table(t)]
+        parts += [f"![{cap}](figures/{name})" for name, cap in (captions or {}).get(t.key, [])]
     return "\n\n".join(parts) + "\n"
 
 
-def write(results_dir: str | Path, settings: verdict.Settings = verdict.Settings()) -> Path:
-    path = Path(results_dir) / "LEADERBOARD.md"
-    path.write_text(render(results_dir, settings))
-    return path
+CSV_COLUMNS = ["technique", "arch", "task", "seed", "control", "status", "score", "n_examples", "reason",
+               "error", "organism_accuracy", "wall_s", "peak_mem_mb", "metrics", "key", "created"]
+
+
+def cells_frame(cells: pd.DataFrame) -> pd.DataFrame:
+    """One tidy row per cell: scalar columns, the traceback's last line, metrics as JSON."""
+    df = cells.copy()
+    df["n_examples"] = df.per_example.map(lambda p: len(p) if isinstance(p, list) else 0)
+    df["error"] = df.error.map(tables.last_line)
+    df["metrics"] = df.metrics.map(lambda m: json.dumps(m, sort_keys=True, default=str) if m else "")
+    return df[[c for c in CSV_COLUMNS if c in df]].sort_values(["technique", "arch", "task", "seed", "control"])
+
+
+def write(results_dir: str | Path, settings: verdict.Settings = verdict.Settings(),
+          formats=FORMATS) -> Path:
+    """Write the requested formats into `results_dir`; return the path of LEADERBOARD.md."""
+    root = Path(results_dir)
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"unknown report format(s) {', '.join(sorted(unknown))}; choose from {', '.join(FORMATS)}")
+    d = load(root, settings)
+    board = root / "LEADERBOARD.md"
+    if d.cells.empty:
+        board.write_text(f"# {TITLE}\n\n_the store holds no cells yet_\n")
+        return board
+    tabs = build_tables(d)
+    pngs = figs.render(d.cells, d.summary, settings) if {"png", "html"} & set(formats) else {}
+    if "png" in formats:
+        (root / "figures").mkdir(exist_ok=True)
+        for name, png in pngs.items():
+            (root / "figures" / name).write_bytes(png)
+    captions = figure_captions(pngs) if "png" in formats else {}
+    if "md" in formats:
+        board.write_text(markdown(tabs, settings, captions))
+    if "tex" in formats:
+        tex_figs = {k: [(f"figures/{n}", c) for n, c in v] for k, v in captions.items()}
+        (root / "leaderboard.tex").write_text(report_latex.render(TITLE, intro(settings), tabs, tex_figs))
+    if "csv" in formats:
+        cells_frame(d.cells).to_csv(root / "cells.csv", index=False)
+    if "html" in formats:
+        html_figs = {k: [(pngs[n], c) for n, c in v] for k, v in figure_captions(pngs).items()}
+        (root / "index.html").write_text(report_html.render(TITLE, intro(settings), tabs, html_figs))
+    return board
+
+
+def render(results_dir: str | Path, settings: verdict.Settings = verdict.Settings()) -> str:
+    """LEADERBOARD.md's text, without writing anything (figures not linked)."""
+    d = load(results_dir, settings)
+    if d.cells.empty:
+        return f"# {TITLE}\n\n_the store holds no cells yet_\n"
+    return markdown(build_tables(d), settings)

@@ -4,7 +4,8 @@ Every (technique, arch, task, seed) becomes two cells, the trained organism and 
 random-init control. The run has two phases so that no organism is trained twice: first
 each needed organism is trained (or read from the zoo) and gated, then every cell runs.
 Both phases go through an executor (`local`: a process pool with one torch thread per
-worker, the fastest layout for tiny models on a few cores). Each cell is isolated: an
+worker, the fastest layout for tiny models on a few cores; `ray`: one Ray task per call,
+on this machine or a cluster, see archbench/ray_executor.py). Each cell is isolated: an
 exception becomes an `error` row with its traceback and the sweep goes on. The driver alone
 writes the store, one transaction per finished cell, so a killed run resumes where it
 stopped; finished cells are skipped on rerun (as in HELM's runner).
@@ -37,9 +38,13 @@ def expand(archs: Iterable[str], techniques: Iterable[str], tasks: Iterable[str]
 
 
 def _init_worker() -> None:
+    """One thread per worker for torch and for numpy/scipy's BLAS (reservoirpy's ridge
+    solves would otherwise start a BLAS thread per core in every worker)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
+    threadpool_limits(1)
 
 
 def _peak_mb() -> float:
@@ -99,7 +104,14 @@ class LocalExecutor:
                 on_done(futures[future], future.result())
 
 
-EXECUTORS = {"local": LocalExecutor}
+def _ray_executor(workers: int | None, **options: Any):
+    from archbench.ray_executor import RayExecutor  # imports ray only when asked for
+
+    return RayExecutor(workers, **options)
+
+
+# name -> factory(workers, **options) of an object with `map(fn, calls, on_done)`
+EXECUTORS: dict[str, Callable[..., Any]] = {"local": LocalExecutor, "ray": _ray_executor}
 
 
 @dataclass
@@ -114,8 +126,11 @@ class RunSummary:
 
 
 def run_matrix(specs: list[RunSpec], results_dir, workers: int | None = None, gate: float = zoo.DEFAULT_GATE,
-               executor: str = "local", progress: bool = True) -> RunSummary:
-    """Run every cell not already in the store; return counts. Errors are collected, not raised."""
+               executor: str | Any = "local", progress: bool = True) -> RunSummary:
+    """Run every cell not already in the store; return counts. Errors are collected, not raised.
+
+    `executor` is a name in EXECUTORS or an already built executor (e.g. a configured RayExecutor).
+    """
     start = time.perf_counter()
     workers = workers or os.cpu_count() or 1
     with Store(results_dir) as store:
@@ -124,7 +139,7 @@ def run_matrix(specs: list[RunSpec], results_dir, workers: int | None = None, ga
         summary = RunSummary(total=len(specs), skipped=len(specs) - len(todo), errors=[])
         if not todo:
             return summary
-        pool = EXECUTORS[executor](workers)
+        pool = EXECUTORS[executor](workers) if isinstance(executor, str) else executor
         bar = _progress(len(todo), progress)
 
         organisms = sorted({(s.arch, s.task, s.seed) for s in todo})

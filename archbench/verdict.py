@@ -39,21 +39,31 @@ class Settings:
         return asdict(self)
 
 
-def _boot_means(values: list[float], n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_boot,) clipped means of example-level resamples of one seed's per-example values."""
+def boot_means(values, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot,) clipped means of example-level resamples of one seed's per-example values.
+
+    With few distinct values (0/1 successes, normalised accuracies) a resample is a
+    multinomial draw of the value counts: the same distribution at O(n_boot x distinct)
+    cost instead of O(n_boot x n), which keeps `archbench report` at seconds on a full store.
+    """
     v = np.asarray(values, dtype=float)
     if v.size == 0:
         return np.full(n_boot, np.nan)
-    idx = rng.integers(0, v.size, size=(n_boot, v.size))  # (B, n)
-    return np.clip(v[idx].mean(axis=1), 0.0, 1.0)
+    levels, counts = np.unique(v, return_counts=True)
+    if len(levels) <= 16:
+        draws = rng.multinomial(v.size, counts / v.size, size=n_boot)  # (B, L)
+        means = draws @ levels / v.size  # (B,)
+    else:
+        means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)  # (B,)
+    return np.clip(means, 0.0, 1.0)
 
 
 def effect_replicates(trained: dict[int, list[float]], control: dict[int, list[float]],
                       settings: Settings, rng: np.random.Generator) -> np.ndarray:
     """(n_boot,) bootstrap replicates of the mean effect: seeds resampled, then examples."""
     seeds = sorted(set(trained) & set(control))
-    per_seed = np.stack([_boot_means(trained[s], settings.n_boot, rng) -
-                         _boot_means(control[s], settings.n_boot, rng) for s in seeds])  # (S, B)
+    per_seed = np.stack([boot_means(trained[s], settings.n_boot, rng) -
+                         boot_means(control[s], settings.n_boot, rng) for s in seeds])  # (S, B)
     pick = rng.integers(0, len(seeds), size=(settings.n_boot, len(seeds)))  # (B, S)
     return per_seed[pick, np.arange(settings.n_boot)[:, None]].mean(axis=1)  # (B,)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -94,7 +95,9 @@ def control(arch: str, task, seed: int):
 def gate_reason(meta: dict[str, Any], threshold: float = DEFAULT_GATE) -> str | None:
     """Why an organism fails the behavioural gate (None if it passes)."""
     if meta["accuracy"] < threshold:
-        return f"accuracy {meta['accuracy']:.2f} < {threshold:.2f}"
+        # floor to 3 decimals so that 0.8996 never reads as "0.900 < 0.900"
+        shown = math.floor(meta["accuracy"] * 1000) / 1000
+        return f"held-out accuracy {shown:.3f} < {threshold:.3f}"
     return None
 
 

@@ -32,7 +32,7 @@ SITE_ROLES = ("embed", "stream", "state")
 class Patching(Technique):
     name = "patching"
     roles = frozenset({"stream", "state"})
-    default_config = {"n_pairs": 256, "max_rows": 8192}
+    default_config = {"n_pairs": 256, "max_rows": 1024}
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:

@@ -43,3 +43,13 @@ def test_list_and_inspect(capsys):
     assert main(["inspect", "transformer", "--task", "modadd"]) == 0
     out = capsys.readouterr().out
     assert "blocks.1.resid_post" in out and "stream" in out and "batch, pos, d_model" in out
+
+
+def test_checkpoint_wrappers_stay_out_of_the_matrix(tmp_path, capsys, monkeypatch):
+    from archbench import cli
+
+    assert main(["run", "--matrix", "--arch", "rwkv_pth", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "rwkv_pth" in err and "\n" not in err
+    default = cli._matrix_archs(None)
+    assert "rwkv_pth" not in default and {"transformer", "mamba2", "nvar", "kan"} <= set(default)

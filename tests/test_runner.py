@@ -47,7 +47,7 @@ def test_matrix_runs_isolates_errors_gates_and_skips(tmp_path, monkeypatch):
     err = cells[cells.status == "error"]
     assert set(err.technique) == {"exploding"} and err.error.str.contains("always fails").all()
     na = cells[cells.status == "n/a"]
-    assert set(na.task) == {"facts"} and na.reason.str.contains("gate failed: accuracy 0.50").all()
+    assert set(na.task) == {"facts"} and na.reason.str.contains("gate failed: held-out accuracy 0.5").all()
     ok = cells[cells.status == "ok"]
     assert ok.score.between(0, 1).all() and ok.per_example.map(len).gt(0).all()
     again = runner.run_matrix(specs, tmp_path / "r", workers=1, progress=False)

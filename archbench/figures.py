@@ -1,0 +1,148 @@
+"""The report's figures, drawn with matplotlib's Agg canvas into PNG bytes (no display, no pyplot).
+
+- `transfer_heatmap`: technique x architecture; colour = transfer ratio rho (clipped to
+  [0, 1.2]; grey where a cell has no rho), text = verdict glyph and rho.
+- `depth_profiles`: one figure per technique whose `details` rows carry a depth (`layer`,
+  the HookSpec's block index: 0 = input representation, i = after block i) and a per-site
+  value; one panel per task, one line per architecture: trained organisms solid, random-init
+  controls dotted, each the mean over seeds of the best site at that depth. Rows a technique
+  marks unscored (`trivial`, `scored=False`) are left out, as in its score. Techniques with
+  no per-depth value (attribution, sae) get no figure.
+
+Figures only read the store's DataFrames; PNG bytes are returned so the report can both
+write them to `figures/` and embed them in `index.html`.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from archbench import verdict
+from archbench.report_tables import arch_order
+
+# The per-site value a technique's `details` rows hold, first match wins: probe "normalised"
+# (accuracy over the majority baseline), patching "iia" (per site and position), steering
+# "success" (per site and scale), logit/tuned lens "accuracy", cka "cka", ablation
+# "mean_effect" (accuracy drop when the component is mean-ablated). A new technique that
+# stores one of these keys with a `layer` gets a depth figure with no change here.
+DEPTH_VALUES = ("normalised", "iia", "success", "accuracy", "cka", "mean_effect")
+RHO_MAX = 1.2
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def transfer_heatmap(summary: pd.DataFrame, settings: verdict.Settings) -> bytes:
+    techs = sorted(summary.technique.unique())
+    archs = arch_order(summary.arch.unique(), settings.reference)
+    rho = np.full((len(techs), len(archs)), np.nan)
+    labels = [["" for _ in archs] for _ in techs]
+    for r in summary.itertuples():
+        i, j = techs.index(r.technique), archs.index(r.arch)
+        x = getattr(r, "rho", np.nan)
+        rho[i, j] = x if x is not None else np.nan
+        labels[i][j] = verdict.GLYPHS.get(r.verdict, "?") + ("" if np.isnan(rho[i, j]) else f"\n{x:.2f}")
+    fig = Figure(figsize=(1.0 + 0.85 * len(archs), 0.9 + 0.55 * len(techs)))
+    ax = fig.add_subplot()
+    cmap = _cmap()
+    im = ax.imshow(np.clip(rho, 0, RHO_MAX), cmap=cmap, vmin=0, vmax=RHO_MAX, aspect="auto")
+    for i in range(len(techs)):
+        for j in range(len(archs)):
+            dark = not np.isnan(rho[i, j]) and np.clip(rho[i, j], 0, RHO_MAX) < 0.45 * RHO_MAX
+            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=8,
+                    color="white" if dark else "black", linespacing=0.9)
+    ax.set_xticks(range(len(archs)), archs, rotation=35, ha="right")
+    ax.set_yticks(range(len(techs)), techs)
+    ax.set_title(f"Transfer ratio ρ vs {settings.reference} (grey: no ρ)", fontsize=10)
+    cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, extend="max")
+    cb.set_label("ρ (clipped)")
+    legend = "   ".join(f"{g} {k}" for k, g in verdict.GLYPHS.items())
+    fig.text(0.01, -0.02, legend, fontsize=8, ha="left", va="top")
+    return _png(fig)
+
+
+def _cmap():
+    from matplotlib import colormaps
+
+    return colormaps["viridis"].with_extremes(bad="#d9d9d9")
+
+
+def depth_frame(cells: pd.DataFrame, technique: str) -> pd.DataFrame | None:
+    """(arch, task, control, layer, value): mean over seeds of the best site at each depth."""
+    ok = cells[(cells.technique == technique) & (cells.status == "ok")]
+    rows = []
+    for r in ok.itertuples():
+        for d in r.details or []:
+            if not isinstance(d, dict) or d.get("layer") is None or d.get("trivial") or d.get("scored") is False:
+                continue  # rows the technique itself leaves unscored (e.g. the readout's own input)
+            key = next((k for k in DEPTH_VALUES if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)), None)
+            if key is not None:
+                rows.append({"arch": r.arch, "task": r.task, "seed": r.seed, "control": bool(r.control),
+                             "layer": int(d["layer"]), "value": float(d[key]), "key": key})
+    if not rows:
+        return None
+    df = pd.DataFrame(rows)
+    best = df.groupby(["arch", "task", "seed", "control", "layer", "key"]).value.max().reset_index()
+    return best.groupby(["arch", "task", "control", "layer", "key"]).value.mean().reset_index()
+
+
+def depth_profile(cells: pd.DataFrame, technique: str, reference: str) -> bytes | None:
+    df = depth_frame(cells, technique)
+    if df is None:
+        return None
+    tasks = sorted(df.task.unique())
+    archs = arch_order(df.arch.unique(), reference)
+    colours = {a: f"C{i % 10}" for i, a in enumerate(archs)}
+    ncols = min(3, len(tasks))
+    nrows = -(-len(tasks) // ncols)
+    fig = Figure(figsize=(0.6 + 3.2 * ncols, 0.4 + 2.6 * nrows))
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
+    for ax in axes[len(tasks):]:
+        ax.set_visible(False)
+    axes = axes[:len(tasks)]
+    for ax, task in zip(axes, tasks):
+        for arch in archs:
+            for control, style in ((False, "-"), (True, ":")):
+                g = df[(df.task == task) & (df.arch == arch) & (df.control == control)].sort_values("layer")
+                if len(g):
+                    ax.plot(g.layer, g.value, style, marker="o" if not control else None, markersize=3,
+                            color=colours[arch], alpha=1.0 if not control else 0.6,
+                            label=arch if not control else None)
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("depth (layer)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    for ax in axes[::ncols]:
+        ax.set_ylabel(" / ".join(sorted(df.key.unique())))
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               title="solid: trained\ndotted: control", title_fontsize=8)
+    fig.suptitle(f"{technique}: best site per depth (mean over seeds)", fontsize=11)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def render(cells: pd.DataFrame, summary: pd.DataFrame, settings: verdict.Settings) -> dict[str, bytes]:
+    """File name -> PNG bytes for every figure the store supports."""
+    out = {}
+    if len(summary):
+        out["transfer_matrix.png"] = transfer_heatmap(summary, settings)
+    for tech in sorted(cells.technique.unique()):
+        png = depth_profile(cells, tech, settings.reference)
+        if png is not None:
+            out[f"depth_{tech}.png"] = png
+    return out

@@ -1,0 +1,122 @@
+"""The Ray executor: every organism-training call and every cell runs as one Ray task.
+
+Same contract as `runner.LocalExecutor`: `map(fn, calls, on_done)` runs `fn(*args)` for each
+call and hands each result to `on_done(args, result)` in the driver as soon as it finishes,
+so the driver alone writes the store (one transaction per cell) and resume works unchanged.
+
+    archbench run --matrix --executor ray                       # a local Ray on this machine
+    archbench run --matrix --executor ray --address auto        # a running cluster
+    archbench run --matrix --executor ray --address ray://head:10001 --ray-gpus-per-task 0.5
+
+Organisms are cached under `$ARCHBENCH_CACHE` (the driver's value, resolved to an absolute
+path) and every task gets that path through Ray's `runtime_env` `env_vars`. On a cluster it
+must be a filesystem every node mounts at the same path (NFS, Lustre, EFS, ...): phase 1
+trains each organism once into the cache and phase 2 reads it back on whichever node runs
+the cell. Every node also needs archbench installed in the same environment as the driver.
+
+Resources: a task asks for `num_cpus` (default 1) and `num_gpus` (default 0) and sets torch
+to as many threads as its CPUs (one by default: on a few cores, one thread per process is
+the fastest layout for tiny models). archbench's models run on CPU; `num_gpus` only reserves
+devices for plugins that use them. Ray retries a task whose worker died (its calls are
+idempotent: organisms are renamed into place atomically, cells are written by the driver).
+
+Ray is imported only when this executor is built; without it, `archbench run --executor ray`
+says to `pip install "archbench[ray]"` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any, Callable
+
+from archbench import zoo
+
+INSTALL_HINT = 'the ray executor needs Ray: pip install "archbench[ray]"'
+
+
+_worker_threads: int | None = None  # set once per Ray worker process
+
+
+def _call(fn: Callable, args: tuple, threads: int) -> Any:
+    """Body of every Ray task: one torch thread per reserved CPU, then the call itself."""
+    global _worker_threads
+    if _worker_threads != threads:
+        import torch
+
+        from archbench import runner
+
+        runner._init_worker()  # what the local pool's workers do: one torch (and BLAS) thread
+        torch.set_num_threads(threads)
+        _worker_threads = threads
+    return fn(*args)
+
+
+class RayExecutor:
+    """Run calls as Ray tasks on a local Ray instance or on a cluster at `address`.
+
+    `workers`: with no cluster (no `address`, no `RAY_ADDRESS`), the number of CPUs the local
+    Ray instance gets (default: every core); on a cluster, at most this many tasks in flight
+    (default: as many as the cluster will schedule). If Ray is already initialised in this
+    process (a notebook, a test), that instance is used as it is.
+    """
+
+    def __init__(self, workers: int | None = None, address: str | None = None,
+                 num_cpus: float = 1, num_gpus: float = 0):
+        try:
+            import ray
+        except ImportError as exc:
+            raise ImportError(f"{INSTALL_HINT} ({exc})") from None
+        if num_cpus <= 0 or num_gpus < 0:
+            raise ValueError(f"a Ray task needs num_cpus > 0 and num_gpus >= 0, got {num_cpus}, {num_gpus}")
+        self._ray = ray
+        self.workers = workers
+        self.address = address
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.started = False  # True if this executor started the Ray instance it uses
+
+    @property
+    def cluster(self) -> bool:
+        return self.address is not None or "RAY_ADDRESS" in os.environ
+
+    def _connect(self) -> None:
+        ray = self._ray
+        if ray.is_initialized():
+            return
+        if self.cluster:
+            ray.init(address=self.address)
+        else:
+            ray.init(num_cpus=self.workers or os.cpu_count() or 1, include_dashboard=False)
+            self.started = True
+
+    def close(self) -> None:
+        """Shut down the local Ray instance if this executor started it (else leave it running)."""
+        if self.started:
+            self._ray.shutdown()
+            self.started = False
+
+    def map(self, fn: Callable, calls: list[tuple], on_done: Callable[[tuple, Any], None]) -> None:
+        if not calls:
+            return
+        ray = self._ray
+        self._connect()
+        cache = str(zoo.cache_root().expanduser().resolve())
+        task = ray.remote(_call).options(
+            num_cpus=self.num_cpus, num_gpus=self.num_gpus, name=getattr(fn, "__name__", "archbench"),
+            runtime_env={"env_vars": {"ARCHBENCH_CACHE": cache}})
+        threads = max(1, int(self.num_cpus))
+        limit = self.workers if self.cluster and self.workers else len(calls)
+        todo = iter(calls)
+        in_flight: dict[Any, tuple] = {}  # ObjectRef -> its call
+        try:
+            for args in itertools.islice(todo, limit):
+                in_flight[task.remote(fn, args, threads)] = args
+            while in_flight:
+                (ready,), _ = ray.wait(list(in_flight), num_returns=1)
+                args = in_flight.pop(ready)
+                on_done(args, ray.get(ready))
+                for args in itertools.islice(todo, 1):
+                    in_flight[task.remote(fn, args, threads)] = args
+        finally:
+            for ref in in_flight:  # after an error or Ctrl-C: stop the rest; the store keeps what finished
+                ray.cancel(ref)

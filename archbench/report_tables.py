@@ -1,0 +1,279 @@
+"""The report's tables, as data: every output format (Markdown, LaTeX, HTML) renders these.
+
+A `Table` is a title, a header and rows of display strings (Unicode glyphs included; each
+renderer escapes them its own way). Everything here reads the results store's DataFrames
+only: verdicts come from `archbench.verdict`, nothing is recomputed from a model.
+
+- `transfer_matrix`: technique x architecture, verdict glyph and rho with its CI.
+- `behaviour`: task x architecture, held-out organism accuracy (mean, minimum, gate passes).
+- `per_task`: for one technique, task x architecture scores of trained organisms and of
+  random-init controls, each with a 95% hierarchical-bootstrap CI, the effect and rho.
+- `similarity`: architecture x architecture bounds on linear CKA, derived from the `cka`
+  technique's rows (see its docstring for the argument).
+- `errors`, `provenance`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from decimal import ROUND_FLOOR, Decimal
+
+import numpy as np
+import pandas as pd
+
+from archbench import verdict
+from archbench.version import __version__
+
+
+@dataclass
+class Table:
+    key: str  # a short identifier: anchor in HTML, label in LaTeX
+    title: str
+    header: list[str]
+    rows: list[list[str]]  # display strings; "\n" marks a line break inside a cell
+    note: str = ""  # one paragraph under the title that says how to read the table
+    shape: str = "matrix"  # "matrix": few rows, many columns; "list": many rows, a free-text last column
+    extra: dict = field(default_factory=dict)
+
+
+def fmt(x, digits: int = 2) -> str:
+    return "" if x is None or pd.isna(x) else f"{x:.{digits}f}"
+
+
+def ci(lo, hi, digits: int = 2) -> str:
+    return "" if lo is None or pd.isna(lo) else f"[{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def floor_digits(x: float, digits: int = 3) -> str:
+    """x rounded *down* to `digits` decimals (0.8996 -> 0.899), so it never reads as passing a gate."""
+    return str(Decimal(repr(float(x))).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_FLOOR))
+
+
+def glyph(v: str) -> str:
+    return f"{verdict.GLYPHS.get(v, '?')} {v}"
+
+
+def arch_order(archs, reference: str) -> list[str]:
+    """The reference architecture first, then the others alphabetically."""
+    archs = set(archs)
+    return ([reference] if reference in archs else []) + sorted(archs - {reference})
+
+
+# ---- transfer matrix -------------------------------------------------------------------------
+
+def transfer_matrix(summary: pd.DataFrame, settings: verdict.Settings) -> Table:
+    archs = arch_order(summary.arch.unique(), settings.reference) if len(summary) else []
+    rows = []
+    for tech, g in summary.groupby("technique", sort=True):
+        row = [tech]
+        for arch in archs:
+            r = g[g.arch == arch]
+            if r.empty:
+                row.append("")
+                continue
+            r = r.iloc[0]
+            if "rho" in r and not pd.isna(r.get("rho")):  # glyph and rho, then its CI on a second line
+                row.append(f"{verdict.GLYPHS.get(r.verdict, '?')} ρ={r.rho:.2f}\n{ci(r.rho_lo, r.rho_hi)}")
+            else:
+                row.append(glyph(r.verdict))
+        rows.append(row)
+    note = ("Tasks pooled: each cell averages the effect (trained − control) over the tasks on which the "
+            f"technique works on the reference ({settings.reference}); ρ = effect / reference effect, "
+            "with its 95% bootstrap CI.")
+    return Table("transfer", "Transfer matrix (technique × architecture)", ["technique"] + archs, rows, note)
+
+
+# ---- behaviour ---------------------------------------------------------------------------------
+
+def organism_frame(organisms: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    """(arch, task, seed, accuracy, passed) per organism: the organisms table, or else the cells."""
+    if len(organisms):
+        o = organisms[["arch", "task", "seed", "accuracy"]].copy()
+        o["passed"] = organisms.gate.isna() | (organisms.gate.fillna("") == "")
+        return o
+    c = cells[cells.organism_accuracy.notna()]
+    o = c.groupby(["arch", "task", "seed"]).agg(
+        accuracy=("organism_accuracy", "first"),
+        passed=("reason", lambda r: not r.fillna("").str.startswith("gate failed").any())).reset_index()
+    return o
+
+
+def behaviour(organisms: pd.DataFrame, cells: pd.DataFrame, reference: str) -> Table:
+    o = organism_frame(organisms, cells)
+    archs = arch_order(o.arch.unique(), reference)
+    rows = []
+    for task, g in o.groupby("task", sort=True):
+        row = [task]
+        for arch in archs:
+            r = g[g.arch == arch]
+            if r.empty:
+                row.append("")
+                continue
+            passed = int(r.passed.sum())
+            mark = "" if passed == len(r) else " ✗"
+            row.append(f"{r.accuracy.mean():.3f} · min {floor_digits(r.accuracy.min())} · "
+                       f"{passed}/{len(r)} pass{mark}")
+        rows.append(row)
+    note = ("Held-out accuracy of the trained organisms: mean over seeds · minimum over seeds (rounded "
+            "down, so a minimum just below the gate never reads as passing) · organisms that pass the "
+            "behavioural gate / organisms trained. Cells of an organism that fails the gate are n/a.")
+    return Table("behaviour", "Behaviour (task × architecture)", ["task"] + archs, rows, note)
+
+
+# ---- per-task scores with CIs ------------------------------------------------------------------
+
+def score_ci(per_seed: list, settings: verdict.Settings, rng: np.random.Generator) -> tuple[float, float]:
+    """95% CI of the mean score by hierarchical bootstrap: seeds resampled, then examples."""
+    per_seed = [p for p in per_seed if p]
+    if not per_seed:
+        return np.nan, np.nan
+    b = settings.n_boot
+    reps = np.stack([verdict.boot_means(p, b, rng) for p in per_seed])  # (S, B)
+    pick = rng.integers(0, len(per_seed), size=(b, len(per_seed)))  # (B, S)
+    means = reps[pick, np.arange(b)[:, None]].mean(axis=1)  # (B,)
+    a = (1 - settings.confidence) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def _get(row, name):
+    """A column of a verdict row, or None where the row has no such value (NaN included)."""
+    x = getattr(row, name, None)
+    return None if x is None or (isinstance(x, float) and np.isnan(x)) else x
+
+
+def per_task(v: pd.DataFrame, cells: pd.DataFrame, technique: str, settings: verdict.Settings) -> Table:
+    rng = np.random.default_rng(settings.boot_seed + 2)
+    ok = cells[(cells.technique == technique) & (cells.status == "ok")]
+    vt = v[v.technique == technique]
+    order = {a: i for i, a in enumerate(arch_order(vt.arch.unique(), settings.reference))}
+    rows = []
+    for r in vt.assign(_o=vt.arch.map(order)).sort_values(["task", "_o"]).itertuples():
+        g = ok[(ok.task == r.task) & (ok.arch == r.arch)]
+        seeds = sorted(set(g[~g.control].seed) & set(g[g.control].seed))  # as the verdict pairs them
+        scores = []
+        for control in (False, True):
+            per = [g[(g.seed == s) & (g.control == control)].per_example.iloc[0] for s in seeds]
+            lo, hi = score_ci(per, settings, rng)
+            scores.append(f"{fmt(_get(r, 'control' if control else 'trained'))} {ci(lo, hi)}".strip())
+        n_seeds = _get(r, "n_seeds")
+        rows.append([r.task, r.arch, *scores,
+                     f"{fmt(_get(r, 'effect'))} {ci(_get(r, 'effect_lo'), _get(r, 'effect_hi'))}".strip(),
+                     f"{fmt(_get(r, 'rho'))} {ci(_get(r, 'rho_lo'), _get(r, 'rho_hi'))}".strip(),
+                     glyph(r.verdict), "" if n_seeds is None else str(int(n_seeds)), _get(r, "reason") or ""])
+    note = ("Scores in [0, 1] of the trained organism and of its random-init control (mean over seeds, 95% "
+            "CI by hierarchical bootstrap: seeds, then examples); effect = trained − control; "
+            f"ρ = effect / effect on {settings.reference} for the same task.")
+    return Table(f"task-{technique}", f"{technique}: scores per task",
+                 ["task", "arch", "trained [95% CI]", "control [95% CI]", "effect [95% CI]", "ρ [95% CI]",
+                  "verdict", "seeds", "note"], rows, note, shape="list")
+
+
+# ---- architecture similarity from the cka technique ----------------------------------------------
+
+def cka_bounds(cells: pd.DataFrame) -> pd.DataFrame:
+    """Long form (arch_a, arch_b, lo, hi, n): CKA bounds between two architectures' best sites.
+
+    Linear CKA is the cosine of the angle between centred Gram matrices, and angles between
+    vectors obey the triangle inequality. With theta_A = arccos CKA(A, Y) and theta_B the same
+    for B, both measured against the one-hot primary variable Y on the same test examples
+    (same task and seed), cos(theta_A + theta_B) <= CKA(A, B) <= cos|theta_A - theta_B|; CKA
+    of PSD Grams is >= 0. Bounds are averaged over the (task, seed) pairs both have.
+    """
+    ok = cells[(cells.technique == "cka") & (cells.status == "ok") & ~cells.control]
+    if ok.empty:
+        return pd.DataFrame(columns=["arch_a", "arch_b", "lo", "hi", "n"])
+    theta = ok.assign(theta=np.arccos(ok.score.clip(0, 1))).set_index(["task", "seed", "arch"]).theta
+    rows = []
+    archs = sorted(ok.arch.unique())
+    for a in archs:
+        ta = theta.xs(a, level="arch")
+        for b in archs:
+            tb = theta.xs(b, level="arch")
+            both = ta.index.intersection(tb.index)
+            if not len(both):
+                continue
+            x, y = ta.loc[both].to_numpy(), tb.loc[both].to_numpy()
+            lo = np.maximum(0.0, np.cos(np.minimum(x + y, np.pi / 2)))
+            hi = np.cos(np.abs(x - y))
+            if a == b:
+                lo = hi = np.ones_like(x)
+            rows.append({"arch_a": a, "arch_b": b, "lo": lo.mean(), "hi": hi.mean(), "n": len(both)})
+    return pd.DataFrame(rows)
+
+
+def similarity(cells: pd.DataFrame, reference: str) -> Table | None:
+    b = cka_bounds(cells)
+    if b.empty:
+        return None
+    archs = arch_order(b.arch_a.unique(), reference)
+    ok = cells[(cells.technique == "cka") & (cells.status == "ok") & ~cells.control]
+    gt = ok.groupby("arch").score.mean()
+    rows = []
+    for a in archs:
+        row = [a, fmt(gt.get(a))]
+        for c in archs:
+            r = b[(b.arch_a == a) & (b.arch_b == c)]
+            row.append("" if r.empty else "1" if a == c else f"{r.lo.iloc[0]:.2f}–{r.hi.iloc[0]:.2f}")
+        rows.append(row)
+    note = ("Linear CKA (Kornblith et al. 2019) between the best sites of two trained architectures, as an "
+            "interval: each cka cell stores its CKA with the one-hot primary variable on test examples "
+            "shared by every architecture (same task and seed); CKA is the cosine of the angle between "
+            "centred Gram matrices, so the triangle inequality gives cos(θA+θB) ≤ CKA(A, B) ≤ cos|θA−θB| with "
+            "θ = arccos CKA(·, truth). A lower bound near 1 means both carry the variable the same way; "
+            "exact pairwise CKA needs both models' activations (`archbench.techniques.cka.cka_matrix`). "
+            "Intervals are averaged over tasks and seeds; 'truth' is the mean CKA with the primary variable.")
+    return Table("similarity", "Architecture similarity (linear CKA, arch × arch)", ["arch", "truth"] + archs,
+                 rows, note, extra={"bounds": b})
+
+
+# ---- errors and provenance ------------------------------------------------------------------------
+
+def last_line(text) -> str:
+    return (text or "").strip().splitlines()[-1] if isinstance(text, str) and text.strip() else ""
+
+
+def errors(cells: pd.DataFrame) -> Table | None:
+    err = cells[cells.status == "error"]
+    if err.empty:
+        return None
+    rows = [[f"{r.technique}/{r.arch}/{r.task}/seed{r.seed}{'/control' if r.control else ''}", last_line(r.error)]
+            for r in err.itertuples()]
+    return Table("errors", "Errors", ["cell", "last line of the traceback"], rows,
+                 "Cells whose technique raised; `archbench run` retries them.", shape="list")
+
+
+def gate_thresholds(organisms: pd.DataFrame, cells: pd.DataFrame) -> list[str]:
+    """The gate thresholds recorded in gate-failure reasons (the store keeps no other record)."""
+    texts = list(organisms.gate.dropna()) if len(organisms) else []
+    texts += list(cells.reason.dropna())
+    return sorted({m for t in texts for m in re.findall(r"accuracy [0-9.]+ < ([0-9.]+)", t)})
+
+
+def provenance(cells: pd.DataFrame, organisms: pd.DataFrame, settings: verdict.Settings) -> Table:
+    from archbench.store import provenance as here
+
+    prov = [p for p in cells.provenance if isinstance(p, dict)]
+    keys = list(dict.fromkeys(k for p in prov for k in p))
+    rows = [[k, "; ".join(sorted({str(p.get(k)) for p in prov}))] for k in keys]
+    counts = cells.status.value_counts().to_dict()
+    gates = gate_thresholds(organisms, cells)
+    wall = cells.wall_s.sum()
+    rows += [
+        ["report rendered by", f"archbench {__version__} (git {here().get('git_sha') or 'unknown'})"],
+        ["cells", ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())) + f" (total {len(cells)})"],
+        ["techniques", ", ".join(sorted(cells.technique.unique()))],
+        ["architectures", ", ".join(arch_order(cells.arch.unique(), settings.reference))],
+        ["tasks", ", ".join(sorted(cells.task.unique()))],
+        ["seeds", ", ".join(map(str, sorted(cells.seed.unique())))],
+        ["verdict thresholds", settings.describe()],
+        ["behavioural gate", ", ".join(gates) + " (from gate-failure reasons)" if gates
+         else "not recorded in the store (no organism failed it)"],
+        ["compute: cells (sum of wall_s)", f"{wall:.1f} s ({wall / 3600:.2f} h)"],
+        ["compute: organism training", f"{organisms.seconds.sum():.1f} s" if len(organisms) else "0 s (none recorded)"],
+        ["peak memory per cell", f"{cells.peak_mem_mb.max():.0f} MB" if cells.peak_mem_mb.notna().any() else "unknown"],
+        ["cells written", f"{cells.created.min()} – {cells.created.max()}" if "created" in cells else ""],
+    ]
+    return Table("provenance", "Provenance", ["key", "value"], rows,
+                 "Library versions, git SHA and hardware as recorded with the cells (several values when "
+                 "cells came from several runs).", shape="list")

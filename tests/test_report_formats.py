@@ -1,0 +1,266 @@
+"""The report from a synthetic store: every file is written, holds the known numbers, and needs no model.
+
+The store is filled through the store API with fabricated cells whose scores are known
+exactly (no training): probe and patching with per-depth details, attribution without,
+cka rows for the similarity table, a gate failure, an `error` row and an `n/a` row.
+"""
+
+import csv
+import html.parser
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from archbench import report
+from archbench.cli import main
+from archbench.report_latex import escape
+from archbench.report_tables import floor_digits
+from archbench.store import RunSpec, Store
+
+N = 40  # examples per cell
+SEEDS = (0, 1, 2)
+WALL = 0.25  # seconds per cell
+ACCURACY = {"transformer": (1.0, 1.0, 1.0), "mamba": (0.95, 0.97, 0.99), "kan": (0.8996, 0.95, 0.97)}
+
+
+def fraction(p: float) -> list[float]:
+    """N 0/1 values whose mean is exactly p (p a multiple of 1/N)."""
+    k = round(p * N)
+    return [1.0] * k + [0.0] * (N - k)
+
+
+def put(store, technique, arch, task, seed, control, per_example=None, details=(), status="ok", **extra):
+    row = {"status": status, "wall_s": WALL, "organism_accuracy": ACCURACY[arch][seed], **extra}
+    if status == "ok":
+        row |= {"score": float(np.clip(np.mean(per_example), 0, 1)), "per_example": per_example,
+                "details": list(details), "metrics": {"best_layer": 1}}
+    store.put_cell(RunSpec(technique, arch, task, seed, control), row)
+
+
+def depth_details(key, values, **flags):
+    return [{"site": f"blocks.{i}.resid_post", "role": "stream", "layer": i, key: v, **flags}
+            for i, v in enumerate(values)]
+
+
+# Scores of trained organisms (controls score 0): transformer 1.0, mamba half of it (rho 0.5).
+TRAINED = {"transformer": 1.0, "mamba": 0.5, "kan": 0.9}
+CKA = {"transformer": 0.9, "mamba": 0.8, "kan": 0.7}
+
+
+def fill(results):
+    with Store(results) as store:
+        for arch, accs in ACCURACY.items():
+            for task in ("modadd", "count"):
+                for seed in SEEDS:
+                    acc = accs[seed]
+                    store.put_organism({"organism": f"{arch}/{task}/{seed}", "arch": arch, "task": task,
+                                        "seed": seed, "accuracy": acc, "seconds": 2.0},
+                                       None if acc >= 0.9 else f"accuracy {acc:.2f} < 0.90")
+                    for control in (False, True):
+                        if acc < 0.9:  # the runner writes gate failures as n/a cells
+                            for tech in ("probe", "patching", "attribution", "cka"):
+                                put(store, tech, arch, task, seed, control, status="n/a",
+                                    reason=f"gate failed: accuracy {acc:.2f} < 0.90")
+                            continue
+                        p = 0.0 if control else TRAINED[arch]
+                        put(store, "probe", arch, task, seed, control, fraction(p),
+                            depth_details("normalised", [0.1, p, p / 2]))
+                        put(store, "patching", arch, task, seed, control, fraction(p),
+                            depth_details("iia", [1.0, p, 1.0], trivial=False)[:2]
+                            + [{"site": "x", "layer": 2, "iia": 1.0, "trivial": True}])
+                        put(store, "attribution", arch, task, seed, control, fraction(0.5 if control else 0.75))
+                        c = 0.2 if control else CKA[arch]
+                        put(store, "cka", arch, task, seed, control, [c] * N, depth_details("cka", [c / 2, c]))
+        put(store, "logit_lens", "mamba", "modadd", 0, False, status="error",
+            error="Traceback (most recent call last):\n  ...\nRuntimeError: boom in the lens")
+        put(store, "logit_lens", "mamba", "modadd", 0, True, status="n/a", reason="mamba lacks readout")
+    return results
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    results = fill(tmp_path_factory.mktemp("r"))
+    report.write(results)
+    return results
+
+
+CI = r"\[\d\.\d\d, \d\.\d\d\]"
+
+
+def md_row(text, first):
+    return next(line for line in text.splitlines() if line.startswith(f"| {first} |"))
+
+
+def test_every_file_is_written(written):
+    for name in ("LEADERBOARD.md", "leaderboard.tex", "cells.csv", "index.html",
+                 "figures/transfer_matrix.png", "figures/depth_probe.png", "figures/depth_patching.png",
+                 "figures/depth_cka.png"):
+        assert (written / name).stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert (written / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (written / "figures" / "depth_attribution.png").exists()  # no per-depth details
+
+
+def test_markdown_holds_the_known_numbers(written):
+    md = (written / "LEADERBOARD.md").read_text()
+    # transfer matrix: transformer first, then alphabetical; kan's rho comes from its two gated-in seeds
+    assert re.fullmatch(rf"\| probe \| ✓ ρ=1.00 \[1.00, 1.00\] \| ✓ ρ=0.90 {CI} \| ◐ ρ=0.50 {CI} \|",
+                        md_row(md, "probe"))
+    assert "∅ no-reference" in md_row(md, "logit_lens")  # no reference cells at all
+    # per-task table: trained and control with CIs, effect, rho, verdict, seeds used; all-0/1 cells
+    # resample to themselves, so their CIs are exact
+    assert "| modadd | transformer | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] | ✓ transfers | 3 |" in md
+    assert re.search(rf"\| modadd \| mamba \| 0.50 {CI} \| 0.00 \[0.00, 0.00\] \| 0.50 {CI} \| 0.50 {CI} \| ◐ partial \| 3 \|", md)
+    assert re.search(rf"\| count \| kan \| 0.90 {CI} \| 0.00 \[0.00, 0.00\] \| 0.90 {CI} \| 0.90 {CI} \| ✓ transfers \| 2 \|", md)
+    assert "| modadd | mamba |  |  |  |  | – n/a |  | error; mamba lacks readout |" in md  # logit_lens
+    lo, hi = re.search(r"\| modadd \| mamba \| 0\.50 \[(\d\.\d\d), (\d\.\d\d)\]", md).groups()
+    assert float(lo) < 0.5 < float(hi)  # resampled 0/1 values: a CI around the half
+    # behaviour: the minimum is rounded down, and the failed gate is counted, not hidden
+    beh = md[md.index("## Behaviour"):md.index("## Architecture similarity")]
+    assert "min 0.899 · 2/3 pass ✗" in beh and "1.000 · min 1.000 · 3/3 pass |" in beh
+    assert "min 0.90 " not in beh
+    # errors and provenance
+    assert "RuntimeError: boom in the lens" in md
+    n_cells = 2 * 3 * 3 * 4 * 2 + 2
+    assert f"compute: cells (sum of wall_s) | {n_cells * WALL:.1f} s" in md
+    assert "organism training | 36.0 s" in md and "behavioural gate | 0.90" in md
+    assert "seeds | 0, 1, 2" in md and "torch" in md
+
+
+def test_similarity_table_bounds_cka_through_the_ground_truth(written):
+    md = (written / "LEADERBOARD.md").read_text()
+    sim = md[md.index("## Architecture similarity"):md.index("## attribution")]
+    a, b = np.arccos(CKA["transformer"]), np.arccos(CKA["mamba"])
+    lo, hi = np.cos(a + b), np.cos(a - b)
+    row = md_row(sim, "transformer")
+    assert row.startswith("| transformer | 0.90 | 1 |") and f"{lo:.2f}–{hi:.2f}" in row
+    assert f"{lo:.2f}–{hi:.2f}" in md_row(sim, "mamba")  # symmetric
+
+
+def test_cells_csv_is_one_tidy_row_per_cell(written):
+    with open(written / "cells.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 3 * 3 * 4 * 2 + 2
+    assert {"technique", "arch", "task", "seed", "control", "status", "score", "wall_s", "metrics"} <= set(rows[0])
+    status = {r["status"] for r in rows}
+    assert status == {"ok", "n/a", "error"}
+    cell = next(r for r in rows if (r["technique"], r["arch"], r["task"], r["seed"], r["control"])
+                == ("probe", "mamba", "count", "1", "False"))
+    assert float(cell["score"]) == 0.5 and int(cell["n_examples"]) == N and json.loads(cell["metrics"]) == {"best_layer": 1}
+    err = next(r for r in rows if r["status"] == "error")
+    assert err["error"] == "RuntimeError: boom in the lens"  # the last line, not the traceback
+
+
+def test_latex_is_escaped_and_balanced(written):
+    tex = (written / "leaderboard.tex").read_text()
+    assert tex.startswith(r"\documentclass") and tex.rstrip().endswith(r"\end{document}")
+    assert r"logit\_lens" in tex and r"\usepackage{booktabs" in tex and r"\toprule" in tex
+    body = "\n".join(line for line in tex.splitlines() if "includegraphics" not in line)
+    assert not re.search(r"(?<!\\)_", body), "an unescaped underscore"
+    assert not re.search(r"[✓◐✗∅ρ]", tex)  # glyphs become math symbols
+    assert body.count("{") == body.count("}")
+    for env in ("tabular", "longtable", "center"):
+        assert tex.count(rf"\begin{{{env}}}") == tex.count(rf"\end{{{env}}}") > 0
+    assert escape("a_b & 50% #1 {x} ~ ^ \\") == r"a\_b \& 50\% \#1 \{x\} \textasciitilde{} \textasciicircum{} \textbackslash{}"
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
+def test_latex_compiles(written, tmp_path):
+    shutil.copytree(written, tmp_path / "r")
+    out = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "leaderboard.tex"],
+                         cwd=tmp_path / "r", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert (tmp_path / "r" / "leaderboard.pdf").stat().st_size > 0
+
+
+class _Page(html.parser.HTMLParser):
+    VOID = {"meta", "img", "br", "link", "input", "hr"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.urls, self.tags = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.urls += [v for k, v in attrs if k in ("src", "href") and v]
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack.pop() == tag, f"unbalanced </{tag}>"
+
+
+def test_html_is_self_contained_and_sortable(written):
+    text = (written / "index.html").read_text()
+    page = _Page()
+    page.feed(text)
+    assert page.stack == []
+    assert all(u.startswith(("data:image/png;base64,", "#")) for u in page.urls), page.urls
+    assert "<link" not in text and "@import" not in text and "url(" not in text
+    assert page.tags.count("img") == len(list((written / "figures").glob("*.png")))
+    assert text.count('class="sortable"') == page.tags.count("table") > 5
+    assert "addEventListener" in text and re.search(rf"◐ ρ=0.50<br>{CI}", text)
+
+
+def test_rendering_is_deterministic_and_reads_only_the_store(written, tmp_path):
+    again = tmp_path / "again"
+    shutil.copytree(written, again)
+    for name in ("LEADERBOARD.md", "leaderboard.tex", "cells.csv", "index.html"):
+        (again / name).unlink()
+    report.write(again)
+    for name in ("LEADERBOARD.md", "leaderboard.tex", "cells.csv", "index.html", "figures/depth_probe.png"):
+        assert (again / name).read_bytes() == (written / name).read_bytes(), name
+
+
+def test_cli_formats_and_bad_format(tmp_path, capsys):
+    results = tmp_path / "r"
+    with Store(results) as store:  # a store of error and n/a rows only
+        put(store, "probe", "mamba", "modadd", 0, False, status="error", error="ValueError: nope")
+        put(store, "probe", "mamba", "modadd", 0, True, status="n/a", reason="no stream")
+    assert main(["report", "--results", str(results), "--format", "md,csv"]) == 0
+    assert (results / "LEADERBOARD.md").exists() and (results / "cells.csv").exists()
+    assert not (results / "index.html").exists() and not (results / "figures").exists()
+    md = (results / "LEADERBOARD.md").read_text()
+    assert "ValueError: nope" in md and "– n/a" in md
+    report.write(results)  # every format, figures included, from rows without a single score
+    assert (results / "index.html").exists() and (results / "figures" / "transfer_matrix.png").exists()
+    capsys.readouterr()
+    assert main(["report", "--results", str(results), "--format", "md,pdf"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("archbench: error:") and "pdf" in err and err.strip().count("\n") == 0
+
+
+def test_floor_digits_never_rounds_up():
+    assert floor_digits(0.8996) == "0.899" and floor_digits(0.29) == "0.290" and floor_digits(1.0) == "1.000"
+
+
+def _browser():
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return None
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_browser() is None, reason="needs Playwright and a Chromium binary")
+def test_html_in_headless_chromium(written, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "html_check.py"
+    spec = importlib.util.spec_from_file_location("html_check", path)
+    html_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(html_check)
+    shot = tmp_path / "index.png"
+    assert html_check.check(written / "index.html", shot, _browser()) == []
+    assert shot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_empty_store(tmp_path):
+    Store(tmp_path).close()
+    assert "no cells yet" in report.write(tmp_path).read_text()
