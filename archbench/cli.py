@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -139,6 +140,10 @@ def _executor(args):
         raise UsageError(str(exc)) from None
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _matrix_archs(value: str | None) -> list[str]:
     """Adapters for the matrix: by default every adapter that trains organisms."""
     archs = _names("adapters", value)
@@ -154,6 +159,7 @@ def cmd_run(args) -> int:
 
     if not args.matrix:
         raise UsageError("say what to run: `archbench run --matrix` (filters: --arch, --technique, --task)")
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` and `timeout` stop a run like Ctrl-C
     archs = _matrix_archs(args.arch)
     techniques = _names("techniques", args.technique)
     tasks = _names("tasks", args.task)

@@ -13,10 +13,13 @@ stopped; finished cells are skipped on rerun (as in HELM's runner).
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import multiprocessing
 import os
 import resource
+import signal
+import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -45,6 +48,19 @@ def _init_worker() -> None:
 
     torch.set_num_threads(1)
     threadpool_limits(1)
+
+
+def _init_pool_worker(driver_pid: int) -> None:
+    """`_init_worker`, and on Linux die with the driver even when it is SIGKILLed (an
+    orphaned worker would otherwise go on training organisms nobody will read)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+        if os.getppid() != driver_pid:  # the driver died before the line above took effect
+            os._exit(1)
+    _init_worker()
 
 
 def _peak_mb() -> float:
@@ -97,11 +113,21 @@ class LocalExecutor:
                 on_done(args, fn(*args))
             return
         ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
-        with ProcessPoolExecutor(min(self.workers, len(calls)), mp_context=ctx,
-                                 initializer=_init_worker) as pool:
+        pool = ProcessPoolExecutor(min(self.workers, len(calls)), mp_context=ctx,
+                                   initializer=_init_pool_worker, initargs=(os.getpid(),))
+        try:
             futures = {pool.submit(fn, *args): args for args in calls}
             for future in as_completed(futures):
                 on_done(futures[future], future.result())
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM) or the driver failed: stop the workers now rather
+            # than wait for their running calls. concurrent.futures has no public way to kill
+            # running workers, hence the private process table.
+            for proc in list((pool._processes or {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
 
 
 def _ray_executor(workers: int | None, **options: Any):

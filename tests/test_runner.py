@@ -99,3 +99,43 @@ def test_resume_after_sigkill_loses_no_finished_cell(tmp_path, isolated_cache):
     after = dict(sqlite3.connect(db).execute("SELECT key, created FROM cells").fetchall())
     assert len(after) == 32 and all(after[k] == v for k, v in before.items())
     assert (results / "LEADERBOARD.md").exists()
+
+
+def _processes_with_env(marker: str) -> list[int]:
+    """pids of live processes whose environment holds `marker` (Linux /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker.encode() in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_stopping_a_run_stops_its_workers(tmp_path, isolated_cache, how):
+    for s in range(4):
+        plant("transformer", "recall", s)
+    results, marker = tmp_path / "r", f"ARCHBENCH_TEST_RUN={tmp_path.name}"
+    cmd = [sys.executable, "-m", "archbench.cli", "run", "--matrix", "--arch", "transformer",
+           "--technique", "probe,patching", "--task", "recall", "--seeds", "4", "--workers", "2",
+           "--results", str(results), "--no-progress"]
+    env = {**os.environ, "ARCHBENCH_CACHE": str(isolated_cache), marker.split("=")[0]: marker.split("=")[1]}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_processes_with_env(marker)) < 3:  # driver + 2 workers
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    os.kill(proc.pid, how)
+    code = proc.wait(timeout=60)
+    if how == signal.SIGTERM:
+        assert code == 130 and "rerun to resume" in proc.stderr.read()
+    deadline = time.time() + 20
+    while time.time() < deadline and _processes_with_env(marker):
+        time.sleep(0.2)
+    assert _processes_with_env(marker) == []
