@@ -87,6 +87,21 @@ def organism(arch: str, task, seed: int):
     return adapter, meta
 
 
+def plant(arch: str, task_name: str, seed: int, accuracy: float = 1.0) -> dict[str, Any]:
+    """Cache the untrained model as the organism, with a recorded accuracy; returns its meta.
+
+    For dry runs of the runner and for tests: the matrix then runs without training, and
+    the recorded accuracy decides the gate.
+    """
+    task = registry.task(task_name)
+    adapter = registry.adapter(arch).for_task(task, seed)
+    meta = {"accuracy": accuracy, "train_accuracy": accuracy, "steps": 0, "seconds": 0.0,
+            "history": [], "arch": arch, "task": task_name, "seed": seed, "planted": True,
+            "organism": organism_id(arch, task, seed)}
+    adapter.save(organism_dir(arch, task, seed), meta)
+    return meta
+
+
 def control(arch: str, task, seed: int):
     """The random-init control: the same architecture and seed, never trained."""
     return registry.adapter(arch).for_task(task, seed)

@@ -18,13 +18,7 @@ ARGS = ["--arch", "transformer", "--technique", "probe,patching", "--task", "mod
         "--no-progress"]
 
 
-def plant(arch, task_name, seed, accuracy=1.0):
-    """Cache a random-init organism with a recorded accuracy (as tests/test_runner.py does)."""
-    task = registry.task(task_name)
-    adapter = registry.adapter(arch).for_task(task, seed)
-    meta = {"accuracy": accuracy, "train_accuracy": accuracy, "steps": 0, "seconds": 0.0, "history": [],
-            "arch": arch, "task": task_name, "seed": seed, "organism": zoo.organism_id(arch, task, seed)}
-    adapter.save(zoo.organism_dir(arch, task, seed), meta)
+
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def test_ray_and_local_store_identical_scores_and_resume(ray_local, isolated_cac
     RayExecutor(2).map(torch.get_num_threads, [(), ()], lambda args, out: threads.append(out))
     assert threads == [1, 1]
 
-    plant("transformer", "modadd", 0)
+    zoo.plant("transformer", "modadd", 0)
     assert cli.main(["run", "--matrix", *ARGS, "--executor", "ray", "--workers", "2",
                      "--results", str(tmp_path / "ray")]) == 0
     assert cli.main(["run", "--matrix", *ARGS, "--workers", "1", "--results", str(tmp_path / "local")]) == 0

@@ -18,12 +18,7 @@ from archbench.store import RunSpec, Store
 from archbench.technique import Technique
 
 
-def plant(arch, task_name, seed, accuracy=1.0):
-    task = registry.task(task_name)
-    adapter = registry.adapter(arch).for_task(task, seed)
-    meta = {"accuracy": accuracy, "train_accuracy": accuracy, "steps": 0, "seconds": 0.0, "history": [],
-            "arch": arch, "task": task_name, "seed": seed, "organism": zoo.organism_id(arch, task, seed)}
-    adapter.save(zoo.organism_dir(arch, task, seed), meta)
+
 
 
 class Exploding(Technique):
@@ -37,8 +32,8 @@ class Exploding(Technique):
 def test_matrix_runs_isolates_errors_gates_and_skips(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "_extra", {k: {} for k in registry.BUILTINS})
     registry.register("techniques", "exploding", Exploding)
-    plant("transformer", "modadd", 0)
-    plant("transformer", "facts", 0, accuracy=0.5)
+    zoo.plant("transformer", "modadd", 0)
+    zoo.plant("transformer", "facts", 0, accuracy=0.5)
     specs = runner.expand(["transformer"], ["probe", "exploding"], ["modadd", "facts"], [0])
     summary = runner.run_matrix(specs, tmp_path / "r", workers=1, progress=False)
     assert (summary.ok, summary.na, summary.error) == (2, 4, 2)
@@ -68,7 +63,7 @@ def test_resume_after_sigkill_loses_no_finished_cell(tmp_path, isolated_cache):
     tasks = ["modadd", "count", "facts", "recall"]
     for t in tasks:
         for s in (0, 1):
-            plant("transformer", t, s)
+            zoo.plant("transformer", t, s)
     results = tmp_path / "r"
     cmd = [sys.executable, "-m", "archbench.cli", "run", "--matrix", "--arch", "transformer",
            "--technique", "probe,patching", "--task", ",".join(tasks), "--seeds", "2", "--workers", "1",
@@ -120,7 +115,7 @@ def _processes_with_env(marker: str) -> list[int]:
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_stopping_a_run_stops_its_workers(tmp_path, isolated_cache, how):
     for s in range(4):
-        plant("transformer", "recall", s)
+        zoo.plant("transformer", "recall", s)
     results, marker = tmp_path / "r", f"ARCHBENCH_TEST_RUN={tmp_path.name}"
     cmd = [sys.executable, "-m", "archbench.cli", "run", "--matrix", "--arch", "transformer",
            "--technique", "probe,patching", "--task", "recall", "--seeds", "4", "--workers", "2",
