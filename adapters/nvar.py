@@ -15,8 +15,9 @@ it to 1e-9. Mind its delay line: `NVAR.store` is not part of the node's state, s
 `reservoirpy_features` clears it before every sequence.
 
 The number of monomials grows as C(k*V + n - 1, n); the order is 2 (pairwise products of
-inputs) except on recall, whose 9 x 16 one-hot inputs would give 10,440 quadratic features
-and a ridge solve too slow for this machine, so recall uses order 1 (a linear
+inputs) except on parity, whose answer is the XOR of 3 bits, a degree-3 polynomial (order 3:
+6,578 features), and on recall, whose 9 x 16 one-hot inputs would give 10,440 quadratic
+features and a ridge solve too slow for this machine, so recall uses order 1 (a linear
 autoregression: a finding that it cannot bind keys to values, not a bug).
 
 Hook points:
@@ -87,8 +88,9 @@ class NVARAdapter(ReservoirAdapter):
     capabilities = frozenset({"gradients", "recurrent_state"})
     default_config = {"order": 2, "strides": 1}
     train_config = {"n_train": 4096, "ridge": 1e-4}
-    task_model_config = {"recall": {"order": 1}}
-    task_train_config: dict[str, dict[str, Any]] = {}
+    task_model_config = {"recall": {"order": 1}, "parity": {"order": 3}}
+    # parity has 1,024 distinct sequences: 1,024 draws cover its train split
+    task_train_config: dict[str, dict[str, Any]] = {"parity": {"n_train": 1024}}
 
     @classmethod
     def build_model(cls, config: dict[str, Any]) -> NVARNet:

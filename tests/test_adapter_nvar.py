@@ -18,7 +18,7 @@ def task():
 
 @pytest.fixture
 def nvar(task):
-    return NVARAdapter.for_task(task, seed=0)
+    return NVARAdapter.for_task(task, seed=0, order=2)
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_fit_memorises_modular_addition_without_generalising():
 
 
 def test_save_load_roundtrip(task, tokens, tmp_path):
-    nvar = NVARAdapter.for_task(task, seed=0)
+    nvar = NVARAdapter.for_task(task, seed=0, order=2)
     nvar.fit(task, 0, n_train=256)
     nvar.save(tmp_path / "org")
     back = NVARAdapter.load(tmp_path / "org")
@@ -97,7 +97,8 @@ def test_per_task_order_is_part_of_the_build():
     from archbench.tasks import Recall
 
     assert NVARAdapter.for_task(Recall(), 0).model.order == 1
-    assert NVARAdapter.for_task(Parity(), 0).model.order == 2
+    assert NVARAdapter.for_task(Parity(), 0).model.order == 3
+    assert NVARAdapter.for_task(ModAdd(), 0).model.order == 2
 
 
 def test_probe_and_patching_run_end_to_end():
