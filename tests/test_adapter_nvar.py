@@ -97,8 +97,8 @@ def test_per_task_order_is_part_of_the_build():
     from archbench.tasks import Recall
 
     assert NVARAdapter.for_task(Recall(), 0).model.order == 1
-    assert NVARAdapter.for_task(Parity(), 0).model.order == 3
-    assert NVARAdapter.for_task(ModAdd(), 0).model.order == 2
+    assert NVARAdapter.for_task(Parity(), 0).model.order == 2
+    assert NVARAdapter.for_task(Parity(), 0, order=3).model.order == 3
 
 
 def test_probe_and_patching_run_end_to_end():
