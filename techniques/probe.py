@@ -36,10 +36,14 @@ def _features(act: torch.Tensor, latent: torch.Tensor, position: int) -> torch.T
 def _fit_predict(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
                  n_classes: int, steps: int, l2: float) -> torch.Tensor:
     """Fit S independent probes at once: x_train (S, N, F), x_test (S, M, F) -> (S, M) labels."""
+    # Standardise in float64: recurrent states can hold huge sentinels (RWKV's running max
+    # starts near -1e38), whose float32 sums overflow to inf.
+    x_train, x_test = x_train.double(), x_test.double()
     mean = x_train.mean(1, keepdim=True)  # (S, 1, F)
     std = x_train.std(1, keepdim=True)  # (S, 1, F)
     std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant features stay ~0
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std  # (S, N, F), (S, M, F)
+    x_train = ((x_train - mean) / std).float()  # (S, N, F)
+    x_test = ((x_test - mean) / std).float().nan_to_num(0.0, 0.0, 0.0)  # (S, M, F)
     n_sites, n_rows, n_feat = x_train.shape
     w = torch.zeros(n_sites, n_feat, n_classes, requires_grad=True)  # (S, F, C)
     b = torch.zeros(n_sites, 1, n_classes, requires_grad=True)  # (S, 1, C)

@@ -188,3 +188,16 @@ def test_probe_on_a_per_position_latent():
     r = Probe(n_train=128, n_test=64)(model, task, 0)
     _in_unit(r)
     assert len(r.per_example) == 64  # one value per test example, averaged over positions
+
+
+def test_probe_standardisation_survives_huge_sentinel_features():
+    """Recurrent states can hold -1e38 sentinels (RWKV's running max); float32 sums overflow."""
+    from archbench.techniques.probe import _fit_predict
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (256,), generator=gen)  # (N,)
+    signal = y.float()[:, None] + 0.1 * torch.randn(256, 1, generator=gen)  # (N, 1)
+    sentinel = torch.full((256, 3), -1e38)  # (N, 3) constant huge values
+    x = torch.cat([signal, sentinel], 1)[None]  # (1, N, 4)
+    pred = _fit_predict(x, y, x, n_classes=2, steps=50, l2=1e-3)  # (1, N)
+    assert (pred[0] == y).float().mean() > 0.95
