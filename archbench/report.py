@@ -47,7 +47,9 @@ def load(results_dir: str | Path, settings: verdict.Settings = verdict.Settings(
         cells, organisms = store.cells(), store.organisms()
     if cells.empty:
         return ReportData(cells, organisms, pd.DataFrame(), pd.DataFrame(), settings)
-    return ReportData(cells, organisms, verdict.verdicts(cells, settings), verdict.summary(cells, settings), settings)
+    measured = verdict.effects(cells, settings)
+    return ReportData(cells, organisms, verdict.verdicts(cells, settings, measured),
+                      verdict.summary(cells, settings, measured), settings)
 
 
 def intro(settings: verdict.Settings) -> list[str]:

@@ -90,14 +90,15 @@ def measure(group: pd.DataFrame, settings: Settings, rng: np.random.Generator) -
     if ok.empty:
         bad = group[group.status != "ok"]
         return "; ".join(sorted(set(bad.reason.fillna(bad.status)))) if len(bad) else "no cells"
-    trained = {int(r.seed): r.per_example for r in ok[~ok.control].itertuples()}
-    control = {int(r.seed): r.per_example for r in ok[ok.control].itertuples()}
+    trained = {int(r.seed): r for r in ok[~ok.control].itertuples()}
+    control = {int(r.seed): r for r in ok[ok.control].itertuples()}
     seeds = sorted(set(trained) & set(control))
     if not seeds:
         return "missing trained or control cells"
-    t = np.mean([ok[(ok.seed == s) & ~ok.control].score.iloc[0] for s in seeds])
-    c = np.mean([ok[(ok.seed == s) & ok.control].score.iloc[0] for s in seeds])
-    reps = effect_replicates({s: trained[s] for s in seeds}, {s: control[s] for s in seeds}, settings, rng)
+    t = np.mean([trained[s].score for s in seeds])
+    c = np.mean([control[s].score for s in seeds])
+    reps = effect_replicates({s: trained[s].per_example for s in seeds},
+                             {s: control[s].per_example for s in seeds}, settings, rng)
     lo, hi = _ci(reps, settings.confidence)
     return Effect(float(t), float(c), float(t - c), lo, hi, len(seeds), reps)
 
@@ -119,36 +120,43 @@ def _verdict(e_a: Effect | str, e_r: Effect | str, settings: Settings) -> dict:
     return {**row, "verdict": "transfers" if rho >= settings.rho_transfer else "partial", "reason": ""}
 
 
-def verdicts(cells: pd.DataFrame, settings: Settings = Settings()) -> pd.DataFrame:
-    """One row per (technique, task, arch): scores, effect with CI, rho with CI, verdict."""
+Effects = dict  # (technique, task, arch) -> Effect, or the reason there is none
+
+
+def effects(cells: pd.DataFrame, settings: Settings = Settings()) -> Effects:
+    """Every (technique, task, arch) group's effect, bootstrapped once for all tables."""
     rng = np.random.default_rng(settings.boot_seed)
+    return {key: measure(group, settings, rng)
+            for key, group in cells.groupby(["technique", "task", "arch"], sort=True)}
+
+
+def verdicts(cells: pd.DataFrame, settings: Settings = Settings(), measured: Effects | None = None) -> pd.DataFrame:
+    """One row per (technique, task, arch): scores, effect with CI, rho with CI, verdict."""
+    measured = effects(cells, settings) if measured is None else measured
     rows = []
-    for (tech, task), tk in cells.groupby(["technique", "task"], sort=True):
-        ref = measure(tk[tk.arch == settings.reference], settings, rng)
-        for arch, group in tk.groupby("arch", sort=True):
-            e_a = ref if arch == settings.reference else measure(group, settings, rng)
-            rows.append({"technique": tech, "task": task, "arch": arch, **_verdict(e_a, ref, settings)})
+    for (tech, task, arch), e_a in measured.items():
+        ref = measured.get((tech, task, settings.reference), "no cells")
+        rows.append({"technique": tech, "task": task, "arch": arch, **_verdict(e_a, ref, settings)})
     return pd.DataFrame(rows)
 
 
-def summary(cells: pd.DataFrame, settings: Settings = Settings()) -> pd.DataFrame:
+def summary(cells: pd.DataFrame, settings: Settings = Settings(), measured: Effects | None = None) -> pd.DataFrame:
     """One row per (technique, arch), pooling the tasks on which the technique works on R."""
-    rng = np.random.default_rng(settings.boot_seed + 1)
+    measured = effects(cells, settings) if measured is None else measured
     rows = []
     for tech, tc in cells.groupby("technique", sort=True):
-        per_task = {task: measure(tk[tk.arch == settings.reference], settings, rng)
-                    for task, tk in tc.groupby("task")}
+        per_task = {task: measured.get((tech, task, settings.reference), "no cells")
+                    for task in sorted(tc.task.unique())}
         good = [k for k, e in per_task.items() if isinstance(e, Effect) and e.lo > 0 and e.effect > 0]
-        for arch, ta in tc.groupby("arch", sort=True):
-            effects = {k: (per_task[k] if arch == settings.reference else measure(ta[ta.task == k], settings, rng))
-                       for k in good}
-            usable = {k: e for k, e in effects.items() if isinstance(e, Effect)}
+        for arch in sorted(tc.arch.unique()):
+            effects_ = {k: measured.get((tech, k, arch), "no cells") for k in good}
+            usable = {k: e for k, e in effects_.items() if isinstance(e, Effect)}
             if not good:
                 rows.append({"technique": tech, "arch": arch, "verdict": "no-reference",
                              "reason": "the technique works on the reference for no task", "tasks": ""})
                 continue
             if not usable:
-                reasons = "; ".join(f"{k}: {e}" for k, e in effects.items())
+                reasons = "; ".join(f"{k}: {e}" for k, e in effects_.items())
                 rows.append({"technique": tech, "arch": arch, "verdict": "n/a", "reason": reasons, "tasks": ""})
                 continue
             pooled_a = _pool([usable[k] for k in usable])
