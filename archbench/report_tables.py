@@ -202,7 +202,50 @@ def cka_bounds(cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def cka_exact(cells: pd.DataFrame) -> pd.DataFrame:
+    """Long form (arch_a, arch_b, cka, n): exact linear CKA between two architectures' best
+    sites, from the normalised Grams the cka cells store, averaged over the (task, seed)
+    pairs both have. Empty when the cells hold no Grams (stores from before they were kept)."""
+    from archbench.techniques.cka import cka_from_packed
+
+    ok = cells[(cells.technique == "cka") & (cells.status == "ok") & ~cells.control]
+    grams = {(r.task, int(r.seed), r.arch): (r.metrics["gram"], r.metrics["gram_n"])
+             for r in ok.itertuples() if isinstance(r.metrics, dict) and "gram" in r.metrics}
+    if not grams:
+        return pd.DataFrame(columns=["arch_a", "arch_b", "cka", "n"])
+    archs = sorted({k[2] for k in grams})
+    pairs = sorted({k[:2] for k in grams})
+    rows = []
+    for a in archs:
+        for b in archs:
+            vals = [cka_from_packed(grams[(t, s, a)][0], grams[(t, s, b)][0], grams[(t, s, a)][1])
+                    for t, s in pairs if (t, s, a) in grams and (t, s, b) in grams
+                    and grams[(t, s, a)][1] == grams[(t, s, b)][1]]
+            if vals:
+                rows.append({"arch_a": a, "arch_b": b, "cka": float(np.mean(vals)), "n": len(vals)})
+    return pd.DataFrame(rows)
+
+
 def similarity(cells: pd.DataFrame, reference: str) -> Table | None:
+    exact = cka_exact(cells)
+    if not exact.empty:
+        archs = arch_order(exact.arch_a.unique(), reference)
+        ok = cells[(cells.technique == "cka") & (cells.status == "ok") & ~cells.control]
+        gt = ok.groupby("arch").score.mean()
+        rows = []
+        for a in archs:
+            row = [a, fmt(gt.get(a))]
+            for c in archs:
+                r = exact[(exact.arch_a == a) & (exact.arch_b == c)]
+                row.append("" if r.empty else f"{r.cka.iloc[0]:.2f}")
+            rows.append(row)
+        note = ("Linear CKA (Kornblith et al. 2019) between the best sites of two trained architectures "
+                "on the same test inputs (each cka cell stores its best site's normalised centred Gram "
+                "matrix on the first test examples of its task and seed; CKA is their Frobenius inner "
+                "product), averaged over the tasks and seeds both architectures have. 'truth' is the "
+                "mean CKA with the one-hot primary variable.")
+        return Table("similarity", "Architecture similarity (linear CKA, arch × arch)", ["arch", "truth"] + archs,
+                     rows, note, extra={"exact": exact})
     b = cka_bounds(cells)
     if b.empty:
         return None

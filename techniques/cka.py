@@ -12,7 +12,10 @@ over examples, so `per_example` holds leave-one-out jackknife pseudo-values
 n*theta - (n-1)*theta_(-i), re-centred so that their mean is the score theta; their spread
 is the jackknife's. All leave-one-out values come from the full Grams in O(n^2).
 
-Across architectures: `cka_matrix(adapters, task, seed)` returns a long-form DataFrame of
+Across architectures: every cell also stores the normalised centred Gram matrix of its best
+site on the first `n_gram` test examples (the same inputs for every architecture of a task
+and seed), from which the report computes exact linear CKA between architectures
+(`cka_from_packed`) without rerunning a model. `cka_matrix(adapters, task, seed)` returns a long-form DataFrame of
 CKA between every pair of sites of every pair of adapters (and the ground truth, arch
 "task"), on the same examples; `df.groupby(["arch_a", "arch_b"]).cka.max().unstack()` gives
 an architecture x architecture table.
@@ -59,10 +62,38 @@ def _primary(ex, task) -> torch.Tensor:
     return (y[:, None] == torch.unique(y)[None]).double()  # (n, C) one-hot
 
 
+def normalised_gram(x: torch.Tensor) -> torch.Tensor:
+    """The centred Gram matrix of x (n, F) scaled to unit Frobenius norm: (n, n).
+
+    Linear CKA of two representations of the same n inputs is the Frobenius inner product
+    of their normalised Grams, so a stored Gram lets the report compare architectures
+    exactly without rerunning either model.
+    """
+    xc = x.double() - x.double().mean(0)  # (n, F)
+    g = xc @ xc.T  # (n, n)
+    return g / g.norm().clamp_min(1e-30)
+
+
+def pack_gram(g: torch.Tensor) -> list[float]:
+    """Upper triangle (diagonal included) of a symmetric (n, n) matrix, row-major."""
+    i, j = torch.triu_indices(len(g), len(g))
+    return [round(v, 6) for v in g[i, j].tolist()]
+
+
+def cka_from_packed(a: list[float], b: list[float], n: int) -> float:
+    """Linear CKA of two normalised Grams stored by `pack_gram` (same n inputs)."""
+    a_, b_ = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    i, j = torch.triu_indices(n, n)
+    weight = torch.where(i == j, 1.0, 2.0).double()  # off-diagonal entries appear twice
+    return float((weight * a_ * b_).sum())
+
+
 class CKA(Technique):
     name = "cka"
     roles = frozenset(SITE_ROLES)
-    default_config = {"n_test": 512}
+    # n_gram: the first n_gram test examples' normalised Gram of the best site is stored
+    # (about n_gram^2 / 2 numbers) for the report's architecture x architecture table
+    default_config = {"n_test": 512, "n_gram": 64}
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:
@@ -72,8 +103,9 @@ class CKA(Technique):
         y = _primary(test, task)  # (n, C)
         deepest = max(names, key=lambda nm: adapter.specs[nm].layer or 0)
         details, loo = [], {}
+        at = adapter.answer_position(task.seq_len)
         for nm in names:
-            theta, loo[nm] = linear_cka(acts[nm][:, adapter.answer_position(task.seq_len)].flatten(1), y, loo=True)
+            theta, loo[nm] = linear_cka(acts[nm][:, at].flatten(1), y, loo=True)
             details.append({"site": nm, "role": adapter.specs[nm].role, "layer": adapter.specs[nm].layer,
                             "cka": theta, "scored": nm != deepest or len(names) == 1})
         best = max((d for d in details if d["scored"]), key=lambda d: d["cka"])
@@ -84,7 +116,9 @@ class CKA(Technique):
             pseudo.tolist(), details=details,
             metrics={"best_site": best["site"], "best_layer": best["layer"],
                      "deepest_site_cka": next(d["cka"] for d in details if d["site"] == deepest),
-                     "jackknife_se": float(pseudo.std() / n ** 0.5)})
+                     "jackknife_se": float(pseudo.std() / n ** 0.5),
+                     "gram_n": min(self.config["n_gram"], n),
+                     "gram": pack_gram(normalised_gram(acts[best["site"]][:self.config["n_gram"], at].flatten(1)))})
 
 
 @torch.no_grad()

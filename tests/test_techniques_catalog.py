@@ -268,3 +268,32 @@ def test_every_technique_runs_on_a_random_init_transformer(task):
     for cls, cfg in small.items():
         _ok(cls(**cfg)(model, task, 0))
     assert not Attribution()(model, task, 0).applicable  # modadd: only a and b vary, both relevant
+
+
+def test_stored_grams_give_exact_cross_architecture_cka():
+    """The report's arch x arch CKA comes from stored Grams; it must equal CKA on activations."""
+    from archbench.techniques.cka import cka_from_packed, linear_cka, normalised_gram, pack_gram
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 7, generator=gen)  # (n, F) one model's activations
+    y = x @ torch.randn(7, 5, generator=gen) + 0.5 * torch.randn(40, 5, generator=gen)  # (n, G)
+    packed = [pack_gram(normalised_gram(a)) for a in (x, y)]
+    assert abs(cka_from_packed(*packed, n=40) - linear_cka(x, y)) < 1e-5
+    assert abs(cka_from_packed(packed[0], packed[0], n=40) - 1.0) < 1e-5
+
+
+def test_report_similarity_table_uses_the_stored_grams():
+    import pandas as pd
+
+    from archbench.report_tables import similarity
+    from archbench.techniques.cka import linear_cka, normalised_gram, pack_gram
+
+    gen = torch.Generator().manual_seed(1)
+    acts = {"transformer": torch.randn(16, 4, generator=gen), "mamba": torch.randn(16, 6, generator=gen)}
+    rows = [{"technique": "cka", "status": "ok", "control": False, "task": "modadd", "seed": 0, "arch": a,
+             "score": 0.5, "metrics": {"gram": pack_gram(normalised_gram(x)), "gram_n": 16}}
+            for a, x in acts.items()]
+    table = similarity(pd.DataFrame(rows), "transformer")
+    exact = table.extra["exact"].set_index(["arch_a", "arch_b"]).cka
+    assert abs(exact["transformer", "mamba"] - linear_cka(acts["transformer"], acts["mamba"])) < 1e-4
+    assert abs(exact["mamba", "mamba"] - 1.0) < 1e-4
