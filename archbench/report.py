@@ -111,7 +111,9 @@ def cells_frame(cells: pd.DataFrame) -> pd.DataFrame:
     df = cells.copy()
     df["n_examples"] = df.per_example.map(lambda p: len(p) if isinstance(p, list) else 0)
     df["error"] = df.error.map(tables.last_line)
-    df["metrics"] = df.metrics.map(lambda m: json.dumps(m, sort_keys=True, default=str) if m else "")
+    # scalar metrics only: list-valued ones (the cka cells' stored Grams) stay in the store
+    df["metrics"] = df.metrics.map(lambda m: json.dumps({k: v for k, v in m.items() if not isinstance(v, list)},
+                                                        sort_keys=True, default=str) if m else "")
     return df[[c for c in CSV_COLUMNS if c in df]].sort_values(["technique", "arch", "task", "seed", "control"])
 
 
