@@ -168,7 +168,9 @@ def cmd_run(args) -> int:
     specs = runner.expand(archs, techniques, tasks, range(n_seeds))
     summary = runner.run_matrix(specs, results, workers=args.workers, gate=args.gate,
                                 executor=_executor(args), progress=not args.no_progress)
-    board = report.write(results)
+    board = results / "LEADERBOARD.md"
+    if summary.skipped < summary.total or not board.exists():  # nothing new: the report stands
+        board = report.write(results)
     print(f"{summary.total} cells: {summary.skipped} already done, {summary.ok} ok, {summary.na} n/a, "
           f"{summary.error} errors in {summary.seconds:.1f} s; leaderboard: {board}")
     for line in summary.errors or []:
