@@ -101,33 +101,44 @@ def run_cell(spec: RunSpec, gate: float) -> dict[str, Any]:
 
 
 class LocalExecutor:
-    """A process pool (or the calling process when workers == 1), one torch thread each."""
+    """A process pool (or the calling process when workers == 1), one torch thread each.
+
+    The pool is started on the first call that needs it and kept for later ones (organisms,
+    then cells), so workers import torch and transformers once per run; `close` ends it.
+    """
 
     def __init__(self, workers: int):
         self.workers = max(1, workers)
+        self._pool: ProcessPoolExecutor | None = None
 
     def map(self, fn: Callable, calls: list[tuple], on_done: Callable[[tuple, Any], None]) -> None:
-        if self.workers == 1 or len(calls) <= 1:
+        if self.workers == 1 or (len(calls) <= 1 and self._pool is None):
             _init_worker()
             for args in calls:
                 on_done(args, fn(*args))
             return
-        ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
-        pool = ProcessPoolExecutor(min(self.workers, len(calls)), mp_context=ctx,
-                                   initializer=_init_pool_worker, initargs=(os.getpid(),))
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx,
+                                             initializer=_init_pool_worker, initargs=(os.getpid(),))
         try:
-            futures = {pool.submit(fn, *args): args for args in calls}
+            futures = {self._pool.submit(fn, *args): args for args in calls}
             for future in as_completed(futures):
                 on_done(futures[future], future.result())
         except BaseException:
             # Interrupted (Ctrl-C, SIGTERM) or the driver failed: stop the workers now rather
             # than wait for their running calls. concurrent.futures has no public way to kill
             # running workers, hence the private process table.
-            for proc in list((pool._processes or {}).values()):
+            for proc in list((self._pool._processes or {}).values()):
                 proc.terminate()
-            pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
             raise
-        pool.shutdown()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 def _ray_executor(workers: int | None, **options: Any):
@@ -169,7 +180,8 @@ def run_matrix(specs: list[RunSpec], results_dir, workers: int | None = None, ga
         bar = _progress(len(todo), progress)
 
         organisms = sorted({(s.arch, s.task, s.seed) for s in todo})
-        missing = [o for o in organisms if zoo.cached_meta(o[0], registry.task(o[1]), o[2]) is None]
+        cached = {o: zoo.cached_meta(o[0], registry.task(o[1]), o[2]) for o in organisms}
+        missing = [o for o in organisms if cached[o] is None]
         bar.set_description(f"training {len(missing)} organisms")
 
         def organism_done(args, out):
@@ -178,7 +190,14 @@ def run_matrix(specs: list[RunSpec], results_dir, workers: int | None = None, ga
             else:
                 summary.errors.append(f"organism {args[:3]}: {out['error'].splitlines()[-1]}")
 
-        pool.map(train_organism, [(*o, gate) for o in organisms], organism_done)
+        for o in organisms:  # cached organisms need no worker (and no worker start-up)
+            if cached[o] is not None:
+                organism_done((*o, gate), {"ok": True, "meta": cached[o], "gate": zoo.gate_reason(cached[o], gate)})
+        try:
+            pool.map(train_organism, [(*o, gate) for o in missing], organism_done)
+        except BaseException:
+            getattr(pool, "close", lambda: None)()
+            raise
 
         bar.set_description("cells")
 
@@ -191,7 +210,10 @@ def run_matrix(specs: list[RunSpec], results_dir, workers: int | None = None, ga
                 summary.errors.append(f"{spec.label()}: {row['error'].strip().splitlines()[-1]}")
             bar.update(1)
 
-        pool.map(run_cell, [(s, gate) for s in todo], cell_done)
+        try:
+            pool.map(run_cell, [(s, gate) for s in todo], cell_done)
+        finally:
+            getattr(pool, "close", lambda: None)()
         bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
