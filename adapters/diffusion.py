@@ -26,7 +26,6 @@ ends with the [MASK] id.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -37,7 +36,7 @@ from transformers import BertConfig, BertForMaskedLM
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
 from archbench import hf_attention
-from archbench.adapter import Adapter, RunOutput, Site, TrainReport
+from archbench.adapter import Adapter, RunOutput, Site
 from archbench.hooks import HookSpec, InterventionLike
 
 D = ("batch", "pos", "d_model")
@@ -138,43 +137,19 @@ class DiffusionAdapter(Adapter):
         return torch.cat([self.answer(tokens[i:i + batch]) for i in range(0, len(tokens), batch)])
 
     # ---- training: random mask ratio per example ----------------------------------------
-    def fit(self, task, seed: int, **overrides: Any) -> TrainReport:
-        """Masked-diffusion training on the answer slot plus inputs masked at ratio r ~ U(0, max_mask)."""
-        cfg = {**self.train_config, **self.task_train_config.get(task.name, {}), **overrides}
-        gen = torch.Generator().manual_seed(seed)
-        train = task.sample(cfg["n_train"], seed, "train")
-        val = task.sample(512, seed, "val")
-        test = task.sample(1024, seed, "test")
-        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        warmup = max(1, cfg["warmup"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-        start, history, step = time.perf_counter(), [], 0
-        self.model.train()
-        for step in range(1, cfg["steps"] + 1):
-            idx = torch.randint(len(train), (cfg["batch"],), generator=gen)  # (batch,)
-            clean = torch.cat([train.tokens[idx], train.answer[idx, None]], 1)  # (batch, T+1)
-            ratio = torch.rand(cfg["batch"], 1, generator=gen) * cfg["max_mask"]  # (batch, 1)
-            masked = torch.rand(clean.shape, generator=gen) < ratio  # (batch, T+1)
-            masked[:, -1] = True  # the answer slot is always noised
-            logits = self.model_logits(torch.where(masked, self.mask_id, clean))  # (batch, T+1, V)
-            answer_loss = F.cross_entropy(logits[:, -1], clean[:, -1])
-            inputs = masked[:, :-1]
-            input_loss = (F.cross_entropy(logits[:, :-1][inputs], clean[:, :-1][inputs])
-                          if bool(inputs.any()) else logits.sum() * 0)
-            loss = answer_loss + cfg["input_loss_weight"] * input_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-                acc = self.accuracy(val)
-                history.append({"step": step, "loss": loss.item(), "val_accuracy": acc})
-                self.model.train()
-                if acc >= cfg["target"]:
-                    break
-        self.model.eval()
-        return TrainReport(accuracy=self.accuracy(test), steps=step, seconds=time.perf_counter() - start,
-                           train_accuracy=self.accuracy(task.sample(1024, seed, "train")), history=history)
+    def loss(self, tokens: torch.Tensor, answer: torch.Tensor, cfg: dict[str, Any],
+             gen: torch.Generator) -> torch.Tensor:
+        """Masked-diffusion loss on the answer slot plus inputs masked at ratio r ~ U(0, max_mask)."""
+        clean = torch.cat([tokens, answer[:, None]], 1)  # (batch, T+1)
+        ratio = torch.rand(len(tokens), 1, generator=gen) * cfg["max_mask"]  # (batch, 1)
+        masked = torch.rand(clean.shape, generator=gen) < ratio  # (batch, T+1)
+        masked[:, -1] = True  # the answer slot is always noised
+        logits = self.model_logits(torch.where(masked, self.mask_id, clean))  # (batch, T+1, V)
+        answer_loss = F.cross_entropy(logits[:, -1], clean[:, -1])
+        inputs = masked[:, :-1]
+        input_loss = (F.cross_entropy(logits[:, :-1][inputs], clean[:, :-1][inputs])
+                      if bool(inputs.any()) else logits.sum() * 0)
+        return answer_loss + cfg["input_loss_weight"] * input_loss
 
     # ---- hooks --------------------------------------------------------------------------
     def decode(self, stream: torch.Tensor) -> torch.Tensor:

@@ -241,8 +241,7 @@ class Adapter(abc.ABC):
         self.model.train()
         for step in range(1, cfg["steps"] + 1):
             idx = torch.randint(len(train), (cfg["batch"],), generator=gen)  # (batch,)
-            logits = self.forward(train.tokens[idx])[:, -1]  # (batch, vocab)
-            loss = nn.functional.cross_entropy(logits, train.answer[idx])
+            loss = self.loss(train.tokens[idx], train.answer[idx], cfg, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -258,6 +257,16 @@ class Adapter(abc.ABC):
                            seconds=time.perf_counter() - start,
                            train_accuracy=self.accuracy(task.sample(1024, seed, "train")),
                            history=history)
+
+    def loss(self, tokens: torch.Tensor, answer: torch.Tensor, cfg: dict[str, Any],
+             gen: torch.Generator) -> torch.Tensor:
+        """The training loss of one batch: cross-entropy of the answer at the last position.
+
+        Families with another objective (the diffusion LM's masked denoising) override this
+        and keep `fit`'s loop, schedule and early stopping.
+        """
+        logits = self.forward(tokens)[:, -1]  # (batch, vocab)
+        return nn.functional.cross_entropy(logits, answer)
 
     @torch.no_grad()
     def accuracy(self, examples) -> float:
