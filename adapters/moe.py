@@ -35,10 +35,10 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.mixtral.modeling_mixtral import MixtralAttention, MixtralTopKRouter
 
 from archbench import hf_attention
-from archbench.adapter import Adapter, Site
+from archbench.adapter import Site
+from archbench.adapters.transformer import D, TransformerAdapter
 from archbench.hooks import HookPoint, HookSpec
 
-D = ("batch", "pos", "d_model")
 EXPERTS_NAME = "archbench_experts"
 
 
@@ -80,15 +80,13 @@ class HookedRouter(MixtralTopKRouter):
         return router_logits, router_top_value, router_indices
 
 
-class MoEAdapter(Adapter):
+class MoEAdapter(TransformerAdapter):
+    """The reference transformer's blocks, hooks and training knobs, with a routed MoE as MLP."""
+
     family = "moe"
     capabilities = frozenset({"gradients", "trainable", "attention", "router", "readout"})
     default_config = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_experts": 4, "top_k": 2,
                       "d_expert": 128}
-    task_train_config = {
-        "modadd": {"steps": 3000, "lr": 3e-3, "weight_decay": 1.0, "n_train": 8192},
-        "parity": {"steps": 2500},
-    }
 
     def __init__(self, model: nn.Module, config: dict[str, Any]):
         super().__init__(model, config)
@@ -132,28 +130,23 @@ class MoEAdapter(Adapter):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         self._bt = tuple(tokens.shape[:2])
-        return self.model(input_ids=tokens, use_cache=False).logits  # (B, T, vocab)
+        return super().forward(tokens)  # (B, T, vocab)
 
-    def decode(self, stream: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(stream))  # (B, T, vocab)
-
-    def hook_points(self) -> list[HookSpec]:
-        specs = [HookSpec("embed", "embed", D, layer=0)]
-        for i in range(self.config["n_layers"]):
-            specs += [
-                HookSpec(f"blocks.{i}.resid_pre", "other", D, layer=i),
-                HookSpec(f"blocks.{i}.attn.pattern", "attn_pattern",
-                         ("batch", "pos", "head", "key_pos"), layer=i),
-                HookSpec(f"blocks.{i}.attn.out", "mixer", D, layer=i),
-                HookSpec(f"blocks.{i}.resid_mid", "other", D, layer=i),
-                HookSpec(f"blocks.{i}.moe.router", "router", ("batch", "pos", "expert"), layer=i),
+    def _mlp_specs(self, i: int) -> list[HookSpec]:
+        return [HookSpec(f"blocks.{i}.moe.router", "router", ("batch", "pos", "expert"), layer=i),
                 *[HookSpec(f"blocks.{i}.moe.experts.{e}.out", "expert", D, layer=i)
                   for e in range(self.config["n_experts"])],
-                HookSpec(f"blocks.{i}.moe.out", "mlp", D, layer=i),
-                HookSpec(f"blocks.{i}.resid_post", "stream", D, layer=i + 1),
-            ]
-        return specs + [HookSpec("logits", "logits", ("batch", "pos", "vocab"),
-                                 layer=self.config["n_layers"] + 1)]
+                HookSpec(f"blocks.{i}.moe.out", "mlp", D, layer=i)]
+
+    def _mlp_sites(self, i: int, block) -> dict[str, Site]:
+        moe = block.mlp
+        sites = {f"blocks.{i}.moe.router": Site(moe.gate.hook_logits, to_canonical=self._unflatten,
+                                                from_canonical=self._flatten),
+                 f"blocks.{i}.moe.out": Site(moe)}
+        for e, hook in enumerate(moe.experts.hook_expert):
+            sites[f"blocks.{i}.moe.experts.{e}.out"] = Site(hook, to_canonical=self._unflatten,
+                                                            from_canonical=self._flatten)
+        return sites
 
     def _unflatten(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(*self._bt, *t.shape[1:])  # (S, *f) -> (B, T, *f)
@@ -161,28 +154,6 @@ class MoEAdapter(Adapter):
     @staticmethod
     def _flatten(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, *t.shape[2:])  # (B, T, *f) -> (S, *f)
-
-    def sites(self) -> dict[str, Site]:
-        hf = self.model.model
-        heads_last = lambda p: p.permute(0, 2, 1, 3)  # (B, nh, q, k) <-> (B, q, nh, k)
-        sites = {"embed": Site(hf.embed_tokens), "logits": Site(self.model.lm_head)}
-        for i, block in enumerate(hf.layers):
-            moe = block.mlp
-            sites.update({
-                f"blocks.{i}.resid_pre": Site(block, where="input"),
-                f"blocks.{i}.attn.pattern": Site(block.self_attn.hook_pattern, to_canonical=heads_last,
-                                                 from_canonical=heads_last),
-                f"blocks.{i}.attn.out": Site(block.self_attn, index=0),
-                f"blocks.{i}.resid_mid": Site(block.post_attention_layernorm, where="input"),
-                f"blocks.{i}.moe.router": Site(moe.gate.hook_logits, to_canonical=self._unflatten,
-                                               from_canonical=self._flatten),
-                f"blocks.{i}.moe.out": Site(moe),
-                f"blocks.{i}.resid_post": Site(block),
-            })
-            for e, hook in enumerate(moe.experts.hook_expert):
-                sites[f"blocks.{i}.moe.experts.{e}.out"] = Site(hook, to_canonical=self._unflatten,
-                                                                from_canonical=self._flatten)
-        return sites
 
     @torch.no_grad()
     def routing(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -80,7 +80,7 @@ class TransformerAdapter(Adapter):
                          ("batch", "pos", "head", "key_pos"), layer=i),
                 HookSpec(f"blocks.{i}.attn.out", "mixer", D, layer=i),
                 HookSpec(f"blocks.{i}.resid_mid", "other", D, layer=i),
-                HookSpec(f"blocks.{i}.mlp.out", "mlp", D, layer=i),
+                *self._mlp_specs(i),
                 HookSpec(f"blocks.{i}.resid_post", "stream", D, layer=i + 1),
             ]
         return specs + [HookSpec("logits", "logits", ("batch", "pos", "vocab"),
@@ -96,7 +96,14 @@ class TransformerAdapter(Adapter):
                                                  from_canonical=_heads_last),
                 f"blocks.{i}.attn.out": Site(block.self_attn, index=0),
                 f"blocks.{i}.resid_mid": Site(block.post_attention_layernorm, where="input"),
-                f"blocks.{i}.mlp.out": Site(block.mlp),
+                **self._mlp_sites(i, block),
                 f"blocks.{i}.resid_post": Site(block),
             })
         return sites
+
+    # The feed-forward part of a block: one dense MLP here; the MoE adapter overrides both.
+    def _mlp_specs(self, i: int) -> list[HookSpec]:
+        return [HookSpec(f"blocks.{i}.mlp.out", "mlp", D, layer=i)]
+
+    def _mlp_sites(self, i: int, block) -> dict[str, Site]:
+        return {f"blocks.{i}.mlp.out": Site(block.mlp)}
