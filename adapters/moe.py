@@ -81,7 +81,8 @@ class HookedRouter(MixtralTopKRouter):
 
 
 class MoEAdapter(TransformerAdapter):
-    """The reference transformer's blocks, hooks and training knobs, with a routed MoE as MLP."""
+    # The reference transformer's blocks, hooks and training knobs; only the feed-forward
+    # part (`_mlp_specs`, `_mlp_sites`) is the routed mixture of experts.
 
     family = "moe"
     capabilities = frozenset({"gradients", "trainable", "attention", "router", "readout"})

@@ -59,24 +59,22 @@ def _results_dir(value: str, must_exist: bool = False) -> Path:
     return path
 
 
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
+def _checked(parse, ok, wanted: str):
+    """An argparse type: parse the value, check it, or say in one line what was expected."""
+    def check(value: str):
+        try:
+            x = parse(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value!r}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value!r}")
+        return x
+    return check
 
 
-def _fraction(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}") from None
-    if not 0 <= x <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
-    return x
+_positive = _checked(int, lambda n: n >= 1, "a positive integer")
+_fraction = _checked(float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
+_amount = _checked(float, lambda x: x >= 0, "a number >= 0")
 
 
 def cmd_list(args) -> int:
@@ -96,8 +94,6 @@ def cmd_inspect(args) -> int:
     arch = _names("adapters", args.arch)[0]
     task = registry.task(_names("tasks", args.task)[0])
     adapter = registry.adapter(arch).for_task(task, seed=0)
-    import torch
-
     out = adapter.run(task.sample(2, 0).tokens, cache="all")
     print(f"{arch} on {task.name} (vocab {task.vocab_size}, length {task.seq_len}); "
           f"capabilities: {', '.join(sorted(adapter.capabilities))}")
@@ -105,18 +101,7 @@ def cmd_inspect(args) -> int:
     for spec in adapter.hook_points():
         shape = tuple(out.cache[spec.name].shape) if spec.name in out.cache else "-"
         print(f"{spec.name:<32} {spec.role:<13} {', '.join(spec.axes):<44} {shape}")
-    del torch
     return 0
-
-
-def _amount(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    return x
 
 
 def _executor(args):
