@@ -60,24 +60,27 @@ def arch_order(archs, reference: str) -> list[str]:
     return ([reference] if reference in archs else []) + sorted(archs - {reference})
 
 
+def arch_grid(frame: pd.DataFrame, by: str, archs: list[str], cell) -> list[list[str]]:
+    """One row per value of `by` (sorted), one column per architecture: `cell(rows)`, or ""."""
+    rows = []
+    for key, g in frame.groupby(by, sort=True):
+        groups = dict(tuple(g.groupby("arch")))
+        rows.append([key] + [cell(groups[a]) if a in groups else "" for a in archs])
+    return rows
+
+
 # ---- transfer matrix -------------------------------------------------------------------------
 
 def transfer_matrix(summary: pd.DataFrame, settings: verdict.Settings) -> Table:
     archs = arch_order(summary.arch.unique(), settings.reference) if len(summary) else []
-    rows = []
-    for tech, g in summary.groupby("technique", sort=True):
-        row = [tech]
-        for arch in archs:
-            r = g[g.arch == arch]
-            if r.empty:
-                row.append("")
-                continue
-            r = r.iloc[0]
-            if "rho" in r and not pd.isna(r.get("rho")):  # glyph and rho, then its CI on a second line
-                row.append(f"{verdict.GLYPHS.get(r.verdict, '?')} ρ={r.rho:.2f}\n{ci(r.rho_lo, r.rho_hi)}")
-            else:
-                row.append(glyph(r.verdict))
-        rows.append(row)
+
+    def cell(r: pd.DataFrame) -> str:
+        r = r.iloc[0]
+        if "rho" in r and not pd.isna(r.get("rho")):  # glyph and rho, then its CI on a second line
+            return f"{verdict.GLYPHS.get(r.verdict, '?')} ρ={r.rho:.2f}\n{ci(r.rho_lo, r.rho_hi)}"
+        return glyph(r.verdict)
+
+    rows = arch_grid(summary, "technique", archs, cell)
     note = ("Tasks pooled: each cell averages the effect (trained − control) over the tasks on which the "
             f"technique works on the reference ({settings.reference}); ρ = effect / reference effect, "
             "with its 95% bootstrap CI.")
@@ -102,19 +105,13 @@ def organism_frame(organisms: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame
 def behaviour(organisms: pd.DataFrame, cells: pd.DataFrame, reference: str) -> Table:
     o = organism_frame(organisms, cells)
     archs = arch_order(o.arch.unique(), reference)
-    rows = []
-    for task, g in o.groupby("task", sort=True):
-        row = [task]
-        for arch in archs:
-            r = g[g.arch == arch]
-            if r.empty:
-                row.append("")
-                continue
-            passed = int(r.passed.sum())
-            mark = "" if passed == len(r) else " ✗"
-            row.append(f"{r.accuracy.mean():.3f} · min {floor_digits(r.accuracy.min())} · "
-                       f"{passed}/{len(r)} pass{mark}")
-        rows.append(row)
+
+    def cell(r: pd.DataFrame) -> str:
+        passed = int(r.passed.sum())
+        mark = "" if passed == len(r) else " ✗"
+        return f"{r.accuracy.mean():.3f} · min {floor_digits(r.accuracy.min())} · {passed}/{len(r)} pass{mark}"
+
+    rows = arch_grid(o, "task", archs, cell)
     note = ("Held-out accuracy of the trained organisms: mean over seeds · minimum over seeds (rounded "
             "down, so a minimum just below the gate never reads as passing) · organisms that pass the "
             "behavioural gate / organisms trained. Cells of an organism that fails the gate are n/a.")
