@@ -89,6 +89,7 @@ class NVARAdapter(ReservoirAdapter):
     """reservoirpy's NVAR + Ridge; training is the ridge fit inherited from the ESN adapter."""
 
     family = "nvar"
+    control_shares_representation = True  # only the ridge readout is trained
     capabilities = frozenset({"gradients", "recurrent_state"})
     default_config = {"order": 2, "strides": 1}
     train_config = {"n_train": 4096, "ridge": 1e-4}

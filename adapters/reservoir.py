@@ -86,6 +86,7 @@ class ESNNet(nn.Module):
 
 class ReservoirAdapter(StepwiseAttach, Adapter):
     family = "reservoir"
+    control_shares_representation = True  # only the ridge readout is trained
     capabilities = frozenset({"gradients", "recurrent_state"})
     default_config = {"units": 300, "lr": 0.5, "sr": 0.9, "input_scaling": 1.0,
                       "input_connectivity": 0.5, "rc_connectivity": 0.1, "bias_scaling": 0.2}

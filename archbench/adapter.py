@@ -83,9 +83,15 @@ class Adapter(abc.ABC):
         "eval_every": 100, "target": 0.99, "warmup": 100,
     }
     task_train_config: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Bumped when this family's training changes meaning without a config change (part of
+    # its organisms' identity, so only its organisms and their cells are recomputed).
+    training_format: ClassVar[int] = 1
     # False for adapters that only wrap users' checkpoints (no organisms to train from a
     # task config): the matrix leaves them out.
     organisms: ClassVar[bool] = True
+    # True where only the readout is trained (reservoirs): the random-init control then has
+    # the trained model's very representation, and representation techniques are n/a.
+    control_shares_representation: ClassVar[bool] = False
     # Model-config overrides per task, applied by `for_task` (part of the organism's identity).
     task_model_config: ClassVar[dict[str, dict[str, Any]]] = {}
 

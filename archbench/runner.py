@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from archbench import registry, zoo
-from archbench.store import RunSpec, Store
+from archbench.store import RunSpec, Store, cell_identity
 
 QUICK_SEEDS = 2
 DEFAULT_SEEDS = 5
@@ -81,7 +81,7 @@ def run_cell(spec: RunSpec, gate: float) -> dict[str, Any]:
     """Phase 2 (in a worker): one technique on one organism or control; never raises."""
     start = time.perf_counter()
     try:
-        task = registry.task(spec.task)
+        task = registry.task(spec.task).for_seed(spec.seed)
         # a control cell needs the organism's metadata (its gate) but not its weights
         meta = zoo.cached_meta(spec.arch, task, spec.seed) if spec.control else None
         trained = None
@@ -173,6 +173,7 @@ def run_matrix(specs: list[RunSpec], results_dir, workers: int | None = None, ga
     `executor` is a name in EXECUTORS or an already built executor (e.g. a configured RayExecutor).
     """
     start = time.perf_counter()
+    cell_identity.cache_clear()  # configs, versions and formats are read afresh each run
     workers = workers or os.cpu_count() or 1
     with Store(results_dir) as store:
         done = store.done_keys()

@@ -55,11 +55,30 @@ class RunSpec:
     control: bool = False
 
     def key(self) -> str:
-        payload = json.dumps({**asdict(self), **library_versions()}, sort_keys=True)
+        """A hash of everything that computed the cell (see `cell_identity`)."""
+        payload = json.dumps(cell_identity(self), sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
     def label(self) -> str:
         return f"{self.technique}/{self.arch}/{self.task}/seed{self.seed}{'/control' if self.control else ''}"
+
+
+@lru_cache(maxsize=None)
+def cell_identity(spec: RunSpec) -> dict[str, Any]:
+    """What computed a cell: its names, the technique's version and resolved config, the
+    task's config for that seed, the organism (whose id hashes its model and training
+    config and the training format), the scoring version and the library versions.
+
+    A rerun after any of these changes recomputes exactly the cells it affects.
+    """
+    from archbench import registry, zoo
+    from archbench.technique import SCORING_VERSION
+
+    technique = registry.technique(spec.technique)
+    task = registry.task(spec.task).for_seed(spec.seed)
+    return {**asdict(spec), **library_versions(), "scoring": SCORING_VERSION,
+            "technique_version": technique.version, "technique_config": technique().config,
+            "task_config": task.config(), "organism": zoo.organism_id(spec.arch, task, spec.seed)}
 
 
 @lru_cache(maxsize=1)

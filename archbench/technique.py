@@ -14,6 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
+
+# Bumped whenever the meaning of any score changes (chance correction, scored sites, the
+# verdict's interval). It is part of every cell's key, and `archbench report` refuses to put
+# cells of different scoring versions in one table.
+SCORING_VERSION = 2
 
 
 @dataclass
@@ -40,6 +46,12 @@ class Technique(abc.ABC):
     and implement `run`. Knobs live in `default_config`, overridable per run."""
 
     name: ClassVar[str]
+    # Bumped when this technique's score changes meaning; part of the cell key with `config`.
+    version: ClassVar[int] = 1
+    # True for techniques that score a representation (probe, SAE, CKA): they are n/a on
+    # families whose random-init control shares the trained model's representation by
+    # construction (reservoirs: only the readout is trained), where they can only score 0.
+    representation: ClassVar[bool] = False
     roles: ClassVar[frozenset[str]] = frozenset()
     capabilities: ClassVar[frozenset[str]] = frozenset()
     default_config: ClassVar[dict[str, Any]] = {}
@@ -52,6 +64,9 @@ class Technique(abc.ABC):
         missing_caps = self.capabilities - adapter.capabilities
         if missing_caps:
             return f"{adapter.family} lacks {', '.join(sorted(missing_caps))}"
+        if self.representation and getattr(adapter, "control_shares_representation", False):
+            return (f"{adapter.family} trains only its readout: the control has the same "
+                    "representation by construction")
         have = {s.role for s in adapter.hook_points()}
         if self.roles and not (self.roles & have):
             return f"{adapter.family} exposes no hook point with role {' or '.join(sorted(self.roles))}"
@@ -66,3 +81,35 @@ class Technique(abc.ABC):
     @abc.abstractmethod
     def run(self, adapter, task, seed: int) -> Result:
         """Score the technique on one adapter and task with data drawn from `seed`."""
+
+
+def chance_corrected(values, chance: float) -> np.ndarray:
+    """(x - chance) / (1 - chance): 0 at chance, 1 at perfect, negative below chance."""
+    return (np.asarray(values, dtype=float) - chance) / max(1.0 - chance, 1e-9)
+
+
+def answer_prediction(logits: torch.Tensor, task) -> torch.Tensor:
+    """The task's answer token with the highest logit: (n, V) -> (n,) token ids.
+
+    Behavioural scores decide among `task.answer_tokens()` only, so a decoder that puts
+    mass on tokens the task never answers with is not penalised for the vocabulary's size.
+    """
+    answers = task.answer_tokens().to(logits.device)  # (C,)
+    return answers[logits[:, answers].argmax(-1)]  # (n,)
+
+
+def majority_rate(answer: torch.Tensor) -> float:
+    """The chance level of a cell's answers: the share of its most frequent answer."""
+    return float(torch.unique(answer, return_counts=True)[1].max()) / max(len(answer), 1)
+
+
+def representation_sites(adapter, names: list[str]) -> list[str]:
+    """The sites a representation score may use: no raw embedding, no readout input.
+
+    The input embedding holds the input tokens, and the deepest `stream` site feeds the
+    readout directly, where any model that solves the task holds the answer; scoring either
+    would credit a probe for reading the input or the output instead of the mechanism.
+    """
+    streams = [n for n in names if adapter.specs[n].role == "stream"]
+    deepest = max(streams, key=lambda n: adapter.specs[n].layer or 0) if streams else None
+    return [n for n in names if adapter.specs[n].role != "embed" and n != deepest]

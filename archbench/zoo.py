@@ -35,18 +35,20 @@ def cache_root() -> Path:
 
 
 # Bumped whenever training changes meaning without a config change (e.g. the validation
-# split used for early stopping), so cached organisms from older code are not reused.
+# split used for early stopping), so cached organisms from older code are not reused;
+# `Adapter.training_format` does the same for one family.
 TRAINING_FORMAT = 2
 
 
 def organism_id(arch: str, task, seed: int) -> str:
     cls = registry.adapter(arch)
+    task = task.for_seed(seed)
     identity = {
         "arch": arch, "model": cls.default_config, "train": cls.train_config,
         "task_train": cls.task_train_config.get(task.name, {}),
         "task_model": cls.task_model_config.get(task.name, {}), "task": task.name,
         "task_config": task.config(), "seed": seed, "archbench": __version__,
-        "training_format": TRAINING_FORMAT,
+        "training_format": TRAINING_FORMAT, "family_training_format": cls.training_format,
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     return f"{arch}/{task.name}/seed{seed}-{digest[:12]}"
@@ -66,6 +68,7 @@ def cached_meta(arch: str, task, seed: int) -> dict[str, Any] | None:
 def organism(arch: str, task, seed: int):
     """(trained adapter, metadata): from the cache, or trained now and cached."""
     cls = registry.adapter(arch)
+    task = task.for_seed(seed)
     path = organism_dir(arch, task, seed)
     if (path / "adapter.json").exists():
         return cls.load(path), cached_meta(arch, task, seed)
@@ -93,7 +96,7 @@ def plant(arch: str, task_name: str, seed: int, accuracy: float = 1.0) -> dict[s
     For dry runs of the runner and for tests: the matrix then runs without training, and
     the recorded accuracy decides the gate.
     """
-    task = registry.task(task_name)
+    task = registry.task(task_name).for_seed(seed)
     adapter = registry.adapter(arch).for_task(task, seed)
     meta = {"accuracy": accuracy, "train_accuracy": accuracy, "steps": 0, "seconds": 0.0,
             "history": [], "arch": arch, "task": task_name, "seed": seed, "planted": True,
@@ -104,7 +107,7 @@ def plant(arch: str, task_name: str, seed: int, accuracy: float = 1.0) -> dict[s
 
 def control(arch: str, task, seed: int):
     """The random-init control: the same architecture and seed, never trained."""
-    return registry.adapter(arch).for_task(task, seed)
+    return registry.adapter(arch).for_task(task.for_seed(seed), seed)
 
 
 def gate_reason(meta: dict[str, Any], threshold: float = DEFAULT_GATE) -> str | None:

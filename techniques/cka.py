@@ -90,6 +90,7 @@ def cka_from_packed(a: list[float], b: list[float], n: int) -> float:
 
 class CKA(Technique):
     name = "cka"
+    representation = True
     roles = frozenset(SITE_ROLES)
     # n_gram: the first n_gram test examples' normalised Gram of the best site is stored
     # (about n_gram^2 / 2 numbers) for the report's architecture x architecture table

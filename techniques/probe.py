@@ -68,6 +68,7 @@ def _fit_predict(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Ten
 
 class Probe(Technique):
     name = "probe"
+    representation = True
     roles = frozenset({"stream", "state"})
     default_config = {"n_train": 1024, "n_test": 512, "steps": 100, "l2": 1e-3}
 

@@ -70,6 +70,7 @@ def train_topk_sae(x: torch.Tensor, n_latents: int, k: int, steps: int, lr: floa
 
 class SAE(Technique):
     name = "sae"
+    representation = True
     roles = frozenset(SITE_ROLES)
     default_config = {"n_train": 1024, "n_test": 512, "expansion": 4, "max_latents": 512, "k": 8,
                       "steps": 100, "lr": 3e-3, "latents": "primary"}

@@ -54,6 +54,40 @@ def test_runspec_key_is_stable_and_distinct():
     assert a.key() == RunSpec("probe", "transformer", "modadd", 0).key() and a.key() != b.key()
 
 
+def test_a_changed_technique_config_recomputes_only_that_techniques_cells(tmp_path, monkeypatch):
+    for arch in ("transformer", "mamba"):
+        zoo.plant(arch, "modadd", 0)
+    specs = runner.expand(["transformer", "mamba"], ["probe", "cka"], ["modadd"], [0])
+    assert runner.run_matrix(specs, tmp_path, workers=1, progress=False).ok == 8
+    from archbench.techniques.cka import CKA
+    monkeypatch.setitem(CKA.default_config, "n_test", 256)
+    again = runner.run_matrix(specs, tmp_path, workers=1, progress=False)
+    assert again.skipped == 4 and again.ok == 4
+    with Store(tmp_path) as store:
+        cells = store.cells()
+    assert set(cells.technique) == {"probe", "cka"} and len(cells) == 12  # old cka rows stay, keyed apart
+
+
+def test_a_bumped_family_training_format_recomputes_only_that_familys_cells(tmp_path, monkeypatch):
+    specs = runner.expand(["transformer", "mamba"], ["probe"], ["modadd"], [0])
+    for arch in ("transformer", "mamba"):
+        zoo.plant(arch, "modadd", 0)
+    runner.run_matrix(specs, tmp_path, workers=1, progress=False)
+    monkeypatch.setattr(registry.adapter("mamba"), "training_format", 99)
+    zoo.plant("mamba", "modadd", 0)  # the new format's organism
+    again = runner.run_matrix(specs, tmp_path, workers=1, progress=False)
+    assert again.skipped == 2 and again.ok == 2
+
+
+def test_a_bumped_technique_version_recomputes_its_cells(tmp_path, monkeypatch):
+    zoo.plant("transformer", "modadd", 0)
+    specs = runner.expand(["transformer"], ["probe", "cka"], ["modadd"], [0])
+    runner.run_matrix(specs, tmp_path, workers=1, progress=False)
+    monkeypatch.setattr(registry.technique("probe"), "version", 99)
+    again = runner.run_matrix(specs, tmp_path, workers=1, progress=False)
+    assert again.skipped == 2 and again.ok == 2
+
+
 def test_expand_makes_trained_and_control_cells():
     specs = runner.expand(["transformer"], ["probe", "patching"], ["modadd"], range(2))
     assert len(specs) == 8 and sum(s.control for s in specs) == 4

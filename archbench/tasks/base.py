@@ -169,6 +169,22 @@ class Task(abc.ABC):
         """
         return self.rule(source)
 
+    @abc.abstractmethod
+    def answer_tokens(self) -> torch.Tensor:
+        """(C,) long, sorted: every token the task's answer can be.
+
+        Behavioural scores decide among these tokens only (never the whole vocabulary), so
+        their chance level is a property of the task, not of the vocabulary size.
+        """
+
+    def for_seed(self, seed: int) -> "Task":
+        """The task instance an organism of this seed is trained and scored on.
+
+        Tasks whose ground truth is drawn per seed (parity's secret positions) return a
+        copy with it drawn; every other task is the same for all seeds.
+        """
+        return self
+
     @property
     def primary_position(self) -> int:
         """Where the primary variable is needed: the answer position."""

@@ -53,6 +53,9 @@ class Count(Task):
     def seq_len(self) -> int:
         return self.length + 1
 
+    def answer_tokens(self) -> torch.Tensor:
+        return self.ANSWER0 + torch.arange(self.m)  # (m,) counts 0..m-1
+
     def rule(self, tokens: torch.Tensor) -> torch.Tensor:
         n_a = (tokens[:, :-1] == self.A).sum(dim=1)  # (n,)
         return self.ANSWER0 + n_a % self.m  # (n,)

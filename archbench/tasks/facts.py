@@ -143,6 +143,9 @@ class Facts(Task):
             raise ValueError("facts: a sequence does not name a subject of the knowledge base")
         return subject
 
+    def answer_tokens(self) -> torch.Tensor:
+        return self.attribute0 + torch.arange(self.n_attributes)  # (n_attributes,)
+
     def rule(self, tokens: torch.Tensor) -> torch.Tensor:
         subject = self._subjects(tokens)  # (n,)
         relation = tokens[:, 3] - self.relation0  # (n,)

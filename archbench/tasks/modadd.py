@@ -56,6 +56,9 @@ class ModAdd(Task):
         eq = np.full_like(a, self.p)  # (p*p,)
         return np.stack([a, b, eq], axis=1)  # (p*p, 3)
 
+    def answer_tokens(self) -> torch.Tensor:
+        return torch.arange(self.p)  # (p,) residues
+
     def rule(self, tokens: torch.Tensor) -> torch.Tensor:
         return (tokens[:, 0] + tokens[:, 1]) % self.p  # (n,)
 

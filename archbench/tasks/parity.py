@@ -66,6 +66,9 @@ class Parity(Task):
     def seq_len(self) -> int:
         return self.n_bits + 1
 
+    def answer_tokens(self) -> torch.Tensor:
+        return torch.tensor([0, 1])
+
     def rule(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens[:, list(self.secret)].sum(dim=1) % 2  # (n,)
 

@@ -55,6 +55,9 @@ class Recall(Task):
     def seq_len(self) -> int:
         return 2 * self.n_pairs + 1
 
+    def answer_tokens(self) -> torch.Tensor:
+        return torch.arange(self.n_keys, self.n_keys + self.n_values)  # (n_values,) value ids
+
     def _match(self, tokens: torch.Tensor) -> torch.Tensor:
         """(n,) index of the first pair whose key equals the query."""
         keys = tokens[:, 0:-1:2]  # (n, n_pairs)
