@@ -61,7 +61,11 @@ def test_cite_all_parses_and_covers_every_registered_name(capsys):
             assert f"{prefix}:{name}" in tags, f"no reference for {kind[:-1]} {name}"
 
 
-def test_cite_results_picks_what_was_used(tmp_path, capsys):
+def test_cite_results_picks_what_was_used(tmp_path, capsys, monkeypatch):
+    from archbench.techniques.probe import Probe
+
+    monkeypatch.setattr(registry, "_extra", {k: {} for k in registry.BUILTINS})
+    registry.register("techniques", "frobnicate", type("Frobnicate", (Probe,), {"name": "frobnicate"}))
     with Store(tmp_path) as store:
         for spec in (RunSpec("probe", "mamba", "modadd", 0), RunSpec("frobnicate", "mamba", "modadd", 0)):
             store.put_cell(spec, {"status": "n/a", "reason": "synthetic"})
