@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 from archbench import registry, zoo
 from archbench.store import RunSpec, Store, cell_identity
 
-QUICK_SEEDS = 2
+QUICK_SEEDS = 3
 DEFAULT_SEEDS = 5
 
 
