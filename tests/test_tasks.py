@@ -220,6 +220,17 @@ def test_parity_secret_comes_from_the_seed():
     assert Parity().secret == Parity(secret_seed=0).secret
     assert len(Parity().secret) == 3 and list(Parity().secret) == sorted(Parity().secret)
     assert {Parity(secret_seed=s).secret for s in range(10)} != {Parity().secret}
+
+
+def test_parity_secrets_are_drawn_per_seed_and_spread_over_the_sequence():
+    seeded = [Parity().for_seed(s) for s in range(20)]
+    assert len({t.secret for t in seeded}) > 1  # a different secret for some seeds
+    for t in seeded:
+        first, *_, last = t.secret
+        assert first <= 2 and last >= 10 and t.for_seed(99) is t  # fixed once drawn
+        assert type(t)(**t.config()).secret == t.secret
+    assert Parity(n_bits=10, secret=(5, 6, 9)).for_seed(3).secret == (5, 6, 9)  # the local variant
+    assert Parity(n_bits=10, spread=False).secret == (5, 6, 9)  # the old default draw
     with pytest.raises(ValueError):
         Parity(n_bits=4, k=2, secret=(1, 1))
 
