@@ -243,9 +243,9 @@ def test_recall_by_hand():
     assert task.rule(x).tolist() == [8, 6]
     lat = task.latents(x)
     assert lat["value"].tolist() == [8, 6] and lat["match_pos"].tolist() == [2, 0]
-    assert task.relevance(x).tolist() == [
-        [False, False, True, True, False, False, False],
-        [True, True, False, False, False, False, False]]
+    assert task.relevance(x).tolist() == [  # matching key, its value, and the query
+        [False, False, True, True, False, False, True],
+        [True, True, False, False, False, False, True]]
 
 
 def test_count_by_hand():
@@ -313,8 +313,10 @@ def test_latent_shapes(task):
         assert value.dtype == torch.long
         assert value.shape == ((20, task.seq_len) if name in per_position else (20,)), name
     assert ex.relevant.shape == (20, task.seq_len) and ex.relevant.dtype == torch.bool
-    if task.name != "facts":  # facts reads its relation at the answer position
-        assert not ex.relevant[:, -1].any()  # elsewhere the last position is the query
+    if task.name in ("facts", "recall"):  # the relation / the query key decides the answer
+        assert ex.relevant[:, -1].all()
+    else:  # elsewhere the last position is a constant query token ("=" in modadd)
+        assert not ex.relevant[:, -1].any() and (ex.tokens[:, -1] == ex.tokens[0, -1]).all()
 
 
 def test_builtin_table_resolves():

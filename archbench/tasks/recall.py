@@ -12,7 +12,8 @@ n_keys..n_keys+n_values-1 and may repeat; the query is one of the sequence's key
 answer token is the value that follows the matching key.
 
 Primary variable `value` (the retrieved token); `match_pos` is the index of the matching
-key. The counterfactual source replaces the matching value by a different value token, so
+key. Relevant positions: the matching key, its value, and the query (the last position),
+since the query selects which pair is read: changing it changes the answer. The counterfactual source replaces the matching value by a different value token, so
 the expected answer always differs from the base answer.
 """
 
@@ -92,6 +93,7 @@ class Recall(Task):
         mask = torch.zeros(tokens.shape, dtype=torch.bool)  # (n, T)
         mask[rows, key_pos] = True
         mask[rows, key_pos + 1] = True
+        mask[:, -1] = True  # the query decides which pair is read
         return mask
 
     def _counterfactual_source(self, rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
