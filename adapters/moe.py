@@ -19,7 +19,10 @@ the softmax and top-k, so an intervention on `blocks.{i}.moe.router` re-routes t
 
 Hook points beyond the transformer's: `blocks.{i}.moe.router` (gate logits, role router),
 `blocks.{i}.moe.experts.{e}.out` (expert e's output before weighting, role expert) and
-`blocks.{i}.moe.out` (the weighted sum, role mlp).
+`blocks.{i}.moe.out` (the weighted sum, role mlp). The experts are nested inside
+`blocks.{i}.moe.out`: role `expert` keeps them readable and patchable by name or role, but
+it is not a component role, so block-level techniques (ablation) see one `mlp` component
+per block, the granularity of every other family, and never count an expert twice.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The input representation (the `embed` hook point) of each test example is replaced, through
 a callable intervention, by a tensor that captum perturbs or differentiates; the attributed
-output is the logit of the model's own prediction at the last position.
+output is the logit of the model's own prediction at the last position (the answer token
+with the highest logit among the task's answer tokens).
 - With capability `gradients`: Integrated Gradients (Sundararajan et al. 2017, "Axiomatic
   attribution for deep networks"; 16 steps, Gauss-Legendre), batched over examples, with
   gradient x input (Shrikumar et al. 2017; Simonyan et al. 2014) as a secondary map.
@@ -12,17 +13,38 @@ Both use the all-zero input representation as the baseline (the usual IG baselin
 embeddings).
 All through captum (Kokhlikyan et al. 2020).
 
-Positions whose token never varies in the sample (the `=` of modadd, the query of count) are
-left out of the score: they carry no information about the answer, and their attribution
-reflects only the baseline (zeroing the last position's input is a large perturbation on any
-model, so on a random-init control it dominates every map). A task with no varying
-irrelevant position (modadd: only a and b vary, both relevant) is not applicable.
+What it measures. A position's attribution magnitude is |sum over features|. Per example,
+the AUROC of that magnitude for separating the task's relevant positions
+(`Examples.relevant`: the positions the answer depends on, e.g. recall's matching key, its
+value and the query) from the others (Mann-Whitney, ties count half). Examples whose mask
+is all-true or all-false among the scored positions are excluded.
 
-A position's attribution magnitude is |sum over features|. Scoring: AUROC of that magnitude
-for separating the task's relevant positions (`Examples.relevant`) from the others, per
-example; examples whose mask is all-true or all-false are excluded. The score is the mean
-per-example AUROC (chance 0.5, ties count half; a model that ignores its input scores
-exactly 0.5); the AUROC pooled over all (example, position) pairs is in `metrics`.
+Score and chance level. AUROC's chance level is 0.5 (a map unrelated to relevance; a model
+that ignores its input has all-zero maps, all ties, exactly 0.5), so each example's value is
+chance-corrected, (AUROC - 0.5) / 0.5: 0 at chance, 1 when every relevant position outranks
+every irrelevant one, -1 when every irrelevant one outranks the relevant ones. `per_example`
+holds these values, their mean is the score (clipped to [0, 1]); the raw mean AUROC, the
+AUROC pooled over all (example, position) pairs and the share of attribution mass on the
+relevant positions are in `metrics`, for each map.
+
+Positions whose token never varies in the sample (the `=` of modadd, the query of count and
+parity) are left out of the score: they carry no information about the answer, and their
+attribution reflects only the baseline (zeroing the last position's input is a large
+perturbation on any model, so on a random-init control it dominates every map). A position
+that varies is scored whatever its place: recall's query varies and is relevant, facts'
+relation too. A task with no varying irrelevant position (modadd: only a and b vary, both
+relevant) is not applicable.
+
+What it cannot detect. Only *which positions* matter, not how they are combined or whether
+the model computes the task's intermediate variables; a relevant position can rank high for
+a reason unrelated to the mechanism. The last position feeds the readout directly, so its
+attribution is large on any model: where it is relevant (recall's query, facts' relation) a
+random-init control already scores above 0, and only the trained − control effect says
+anything. Zero-baseline maps miss features whose zero is not "absent" (a position whose
+zeroed embedding is as informative as the real one gets no attribution), and |sum over
+features| cancels opposite-signed features within a position. Feature ablation ablates one
+position at a time and misses redundancy (two positions that each suffice both look
+unimportant).
 """
 
 from __future__ import annotations
@@ -30,7 +52,7 @@ from __future__ import annotations
 import torch
 from captum.attr import FeatureAblation, InputXGradient, IntegratedGradients
 
-from archbench.technique import Result, Technique
+from archbench.technique import Result, Technique, answer_prediction, chance_corrected
 
 
 def auroc_rows(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -53,6 +75,7 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 class Attribution(Technique):
     name = "attribution"
+    version = 2
     roles = frozenset({"embed"})
     # internal_batch_size: rows per IG forward; it bounds the memory of backward passes
     # through per-step recurrent scans (4,096 took 3 GB on Mamba)
@@ -65,7 +88,7 @@ class Attribution(Technique):
         with torch.no_grad():
             clean = adapter.run(ex.tokens, cache=[site])
         emb = clean.cache[site]  # (n, T, *f)
-        target = clean.logits[:, -1].argmax(-1)  # (n,) the model's own prediction
+        target = answer_prediction(clean.logits[:, -1], task)  # (n,) the model's own prediction
 
         def forward(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
             out = adapter.run(tokens, interventions={site: lambda act, spec: x},
@@ -102,13 +125,14 @@ class Attribution(Technique):
         metrics, per_ex = {"method": method, "constant_positions": (~varying).nonzero().flatten().tolist()}, None
         for key, attr in maps.items():
             mag = attr.detach().flatten(2).sum(-1).abs()[:, :T][:, varying]  # (n, T') per position
-            rows = auroc_rows(mag[mixed], rel[mixed])  # (n_mixed,)
+            rows = auroc_rows(mag[mixed], rel[mixed])  # (n_mixed,) raw AUROC, chance 0.5
             metrics[f"{key}_auroc"] = float(rows.mean())
             metrics[f"{key}_auroc_pooled"] = auroc(mag[mixed].flatten(), rel[mixed].flatten())
             metrics[f"{key}_mass_on_relevant"] = float(
                 (mag[mixed] * rel[mixed]).sum() / mag[mixed].sum().clamp_min(1e-12))
             if key == method:
-                per_ex = rows
+                per_ex = chance_corrected(rows, 0.5)  # (n_mixed,) 0 at chance, 1 perfect
+                metrics["auroc"] = float(rows.mean())  # the scored map's raw AUROC
         metrics["n_examples_used"] = int(mixed.sum())
         metrics["n_examples_excluded"] = int((~mixed).sum())
         return Result.from_per_example(per_ex.tolist(), metrics=metrics)

@@ -164,9 +164,10 @@ def test_ablation_ranks_the_answer_component_first(task):
     r = Ablation(n_train=256, n_test=256)(_chain(task), task, 0)
     _ok(r, 256)
     assert r.metrics["order"][0] == "blocks.0.attn.out"
-    assert r.metrics["curve_kept"] == [0, 1, 2, 2, 3]
+    assert r.metrics["curve_kept"] == [1, 2, 3]
     assert r.metrics["accuracy_clean"] == 1.0 and r.metrics["accuracy_all_ablated"] < 0.1
-    assert r.score == pytest.approx(0.875, abs=1e-6)  # one component of three does it all
+    assert r.score == pytest.approx(1.0, abs=1e-6)  # one component of three does it all
+    assert r.metrics["area_ranked"] == 1.0 and r.metrics["area_random"] < 0.75
     eff = {d["site"]: d for d in r.details}
     for kind in ("zero_effect", "mean_effect", "resample_effect"):
         assert eff["blocks.0.attn.out"][kind] > 0.85 and abs(eff["blocks.0.mlp.out"][kind]) < 0.02
@@ -184,6 +185,8 @@ def test_attribution_auroc_on_a_model_that_reads_only_the_relevant_positions():
         assert good.metrics["constant_positions"] == [task.seq_len - 1]  # the query token
         wrong = Attribution(n_examples=128, n_steps=8)(adapter_cls.for_task(task, 0, wrong=True), task, 0)
         assert wrong.score < 0.3
+        # reading only irrelevant positions is below chance: raw AUROC < 0.5, negative per example
+        assert wrong.metrics["auroc"] < 0.5 and wrong.score == 0.0 and min(wrong.per_example) < 0
     assert good.metrics["method"] == "feature_ablation"
 
 
