@@ -50,7 +50,7 @@ def transfer_heatmap(summary: pd.DataFrame, settings: verdict.Settings) -> bytes
         i, j = techs.index(r.technique), archs.index(r.arch)
         x = getattr(r, "rho", np.nan)
         rho[i, j] = x if x is not None else np.nan
-        labels[i][j] = verdict.GLYPHS.get(r.verdict, "?") + ("" if np.isnan(rho[i, j]) else f"\n{x:.2f}")
+        labels[i][j] = verdict.label(r.verdict, bool(getattr(r, "provisional", False))) + ("" if np.isnan(rho[i, j]) else f"\n{x:.2f}")
     fig = Figure(figsize=(1.0 + 0.85 * len(archs), 0.9 + 0.55 * len(techs)))
     ax = fig.add_subplot()
     cmap = _cmap()

@@ -7,7 +7,7 @@ only: verdicts come from `archbench.verdict`, nothing is recomputed from a model
 - `transfer_matrix`: technique x architecture, verdict glyph and rho with its CI.
 - `behaviour`: task x architecture, held-out organism accuracy (mean, minimum, gate passes).
 - `per_task`: for one technique, task x architecture scores of trained organisms and of
-  random-init controls, each with a 95% hierarchical-bootstrap CI, the effect and rho.
+  random-init controls, each with a 95% seed-level t-interval, the effect and rho.
 - `similarity`: architecture x architecture bounds on linear CKA, derived from the `cka`
   technique's rows (see its docstring for the argument).
 - `errors`, `provenance`.
@@ -50,8 +50,13 @@ def floor_digits(x: float, digits: int = 3) -> str:
     return str(Decimal(repr(float(x))).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_FLOOR))
 
 
-def glyph(v: str) -> str:
-    return f"{verdict.GLYPHS.get(v, '?')} {v}"
+def glyph(v: str, provisional: bool = False) -> str:
+    return f"{verdict.label(v, provisional)} {v}"
+
+
+def _provisional(r) -> bool:
+    x = getattr(r, "provisional", False)
+    return bool(x) if isinstance(x, (bool, np.bool_)) else False
 
 
 def arch_order(archs, reference: str) -> list[str]:
@@ -77,13 +82,15 @@ def transfer_matrix(summary: pd.DataFrame, settings: verdict.Settings) -> Table:
     def cell(r: pd.DataFrame) -> str:
         r = r.iloc[0]
         if "rho" in r and not pd.isna(r.get("rho")):  # glyph and rho, then its CI on a second line
-            return f"{verdict.GLYPHS.get(r.verdict, '?')} ρ={r.rho:.2f}\n{ci(r.rho_lo, r.rho_hi)}"
-        return glyph(r.verdict)
+            return f"{verdict.label(r.verdict, _provisional(r))} ρ={r.rho:.2f}\n{ci(r.rho_lo, r.rho_hi)}"
+        return glyph(r.verdict, _provisional(r))
 
     rows = arch_grid(summary, "technique", archs, cell)
     note = ("Tasks pooled: each cell averages the effect (trained − control) over the tasks on which the "
             f"technique works on the reference ({settings.reference}); ρ = effect / reference effect, "
-            "with its 95% bootstrap CI.")
+            "with its 95% Fieller interval from seed-level t-intervals; ≈ weak-reference: the reference "
+            f"effect's lower bound is below {settings.weak_reference}, so no ρ is shown; "
+            f"{verdict.PROVISIONAL} provisional: fewer than {settings.min_seeds} seeds.")
     return Table("transfer", "Transfer matrix (technique × architecture)", ["technique"] + archs, rows, note)
 
 
@@ -120,17 +127,11 @@ def behaviour(organisms: pd.DataFrame, cells: pd.DataFrame, reference: str) -> T
 
 # ---- per-task scores with CIs ------------------------------------------------------------------
 
-def score_ci(per_seed: list, settings: verdict.Settings, rng: np.random.Generator) -> tuple[float, float]:
-    """95% CI of the mean score by hierarchical bootstrap: seeds resampled, then examples."""
-    per_seed = [p for p in per_seed if p]
-    if not per_seed:
-        return np.nan, np.nan
-    b = settings.n_boot
-    reps = np.stack([verdict.boot_means(p, b, rng) for p in per_seed])  # (S, B)
-    pick = rng.integers(0, len(per_seed), size=(b, len(per_seed)))  # (B, S)
-    means = reps[pick, np.arange(b)[:, None]].mean(axis=1)  # (B,)
-    a = (1 - settings.confidence) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+def score_ci(cells: pd.DataFrame, settings: verdict.Settings) -> tuple[float, float]:
+    """95% interval of the mean score over seeds (one cell per seed), as the verdict's effect."""
+    scores = [verdict.cell_score(r.per_example, r.score) for r in cells.itertuples()]
+    se = verdict._example_se(cells.per_example.iloc[0]) if len(cells) == 1 else None
+    return verdict.interval(scores, settings.confidence, se)
 
 
 def _get(row, name):
@@ -140,7 +141,6 @@ def _get(row, name):
 
 
 def per_task(v: pd.DataFrame, cells: pd.DataFrame, technique: str, settings: verdict.Settings) -> Table:
-    rng = np.random.default_rng(settings.boot_seed + 2)
     ok = cells[(cells.technique == technique) & (cells.status == "ok")]
     vt = v[v.technique == technique]
     order = {a: i for i, a in enumerate(arch_order(vt.arch.unique(), settings.reference))}
@@ -150,16 +150,16 @@ def per_task(v: pd.DataFrame, cells: pd.DataFrame, technique: str, settings: ver
         seeds = sorted(set(g[~g.control].seed) & set(g[g.control].seed))  # as the verdict pairs them
         scores = []
         for control in (False, True):
-            per = [g[(g.seed == s) & (g.control == control)].per_example.iloc[0] for s in seeds]
-            lo, hi = score_ci(per, settings, rng)
+            lo, hi = score_ci(g[g.seed.isin(seeds) & (g.control == control)], settings)
             scores.append(f"{fmt(_get(r, 'control' if control else 'trained'))} {ci(lo, hi)}".strip())
         n_seeds = _get(r, "n_seeds")
         rows.append([r.task, r.arch, *scores,
                      f"{fmt(_get(r, 'effect'))} {ci(_get(r, 'effect_lo'), _get(r, 'effect_hi'))}".strip(),
                      f"{fmt(_get(r, 'rho'))} {ci(_get(r, 'rho_lo'), _get(r, 'rho_hi'))}".strip(),
-                     glyph(r.verdict), "" if n_seeds is None else str(int(n_seeds)), _get(r, "reason") or ""])
-    note = ("Scores in [0, 1] of the trained organism and of its random-init control (mean over seeds, 95% "
-            "CI by hierarchical bootstrap: seeds, then examples); effect = trained − control; "
+                     glyph(r.verdict, _provisional(r)), "" if n_seeds is None else str(int(n_seeds)), _get(r, "reason") or ""])
+    note = ("Scores of the trained organism and of its random-init control: the mean over seeds of each "
+            "cell's mean per-example value, unclipped (0 is the technique's chance level, 1 perfect; below 0 "
+            "is below chance), with a 95% t-interval over seeds; effect = trained − control per seed, with its seed-level interval; "
             f"ρ = effect / effect on {settings.reference} for the same task.")
     return Table(f"task-{technique}", f"{technique}: scores per task",
                  ["task", "arch", "trained [95% CI]", "control [95% CI]", "effect [95% CI]", "ρ [95% CI]",
