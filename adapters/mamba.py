@@ -9,13 +9,18 @@ and this adapter needs nothing else.
 
 The per-step SSM state is not a module output in transformers (and `conv1d`, `act`,
 `dt_proj` are used as weights, not called as modules, so hooks on them never fire). Every
-mixer therefore gets a `hook_state` HookPoint and a forward that, *only while that HookPoint
-is hooked*, runs the same computation written out here (in_proj, transformers' own causal
-conv, x_proj, dt_proj, A_log, D, the same sequential scan) while materialising the states
-(batch, pos, d_inner, d_state) and passing them through the HookPoint; it is tested bit-equal
-to transformers' own mixer. With no hook on the state, the mixer is transformers' forward,
-untouched. The scan and this dispatch (`scan`, `HookedScan`) are shared with the Mamba-2
-adapter (adapters/mamba2.py).
+mixer therefore gets a `hook_state` HookPoint and a forward that runs the same computation
+written out here (in_proj, transformers' own causal conv, x_proj, dt_proj, A_log, D, the
+same sequential scan); *while that HookPoint is hooked* it materialises the states
+(batch, pos, d_inner, d_state) and passes them through the HookPoint. Both paths are tested
+bit-equal to transformers' own mixer in the forward and equal to about 1e-6 in gradients.
+The scan is O(T): transformers' torch scan indexes `discrete_A[:, :, t]` at every step,
+whose backward zero-fills a whole (batch, d_inner, T, d_state) gradient per step (O(T^2));
+here the inputs are `unbind`-ed once, and unhooked the states are discretised step by step
+with each output computed in the loop (about half the seconds per training step,
+bench/scan_step.py). With an inference cache, or unhooked on CUDA (where mamba-ssm's
+kernels may apply), the mixer is transformers' forward, untouched. The scan and this
+dispatch (`scan`, `HookedScan`) are shared with the Mamba-2 adapter (adapters/mamba2.py).
 
 Patching the state: the intervention sees the clean states of every step; at each
 (example, step) where it returned a different value, the scan takes the returned state and
@@ -31,7 +36,7 @@ Hook points: `embed`, per block `blocks.{i}.ssm.state` (state), `blocks.{i}.ssm.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch.nn import functional as F
@@ -52,32 +57,64 @@ def scan(dA: torch.Tensor, dBx: torch.Tensor, edited: torch.Tensor | None = None
     dA broadcasts against dBx (batch, T, *state). Where `changed[b, t]`, the state at t is
     `edited[b, t]` instead and the recurrence runs on from it. Returns (batch, T, *state).
     Shared by the Mamba-1 and Mamba-2 adapters.
+
+    The inputs are split with `unbind` once, not indexed per step: the backward of `x[:, t]`
+    zero-fills a gradient the size of all of `x` at every step, which made the backward
+    O(T^2) in the (batch, T, d_inner, d_state) tensors; `unbind`'s backward is one stack.
     """
     state = torch.zeros_like(dBx[:, 0])  # (B, *state)
+    steps = zip(dA.unbind(1), dBx.unbind(1))  # T pairs of (B, *state)
+    if edited is None:
+        states = []
+        for a, bx in steps:
+            state = a * state + bx  # (B, *state)
+            states.append(state)
+        return torch.stack(states, 1)  # (B, T, *state)
     states = []
-    for t in range(dBx.shape[1]):
-        state = dA[:, t] * state + dBx[:, t]  # (B, *state)
-        if edited is not None:
-            c = changed[:, t].view(-1, *([1] * (state.dim() - 1)))  # (B, 1, ...)
-            state = torch.where(c, edited[:, t], state)
+    shape = (-1, *([1] * (dBx.dim() - 2)))  # (B, 1, ...)
+    for (a, bx), e, c in zip(steps, edited.unbind(1), changed.unbind(1)):
+        state = torch.where(c.view(shape), e, a * state + bx)  # (B, *state)
         states.append(state)
     return torch.stack(states, 1)  # (B, T, *state)
+
+
+def scan_readout(steps: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 readout: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """The recurrence of `scan` with each step's output `readout(h_t, C_t)` computed in the loop.
+
+    For the unhooked forward, where the states are never stacked: `steps` yields
+    (dA_t, dBx_t, C_t) per step (computed step by step by the caller, which is faster than
+    slicing whole-sequence tensors). Returns the T outputs, equal to `readout` applied to
+    `scan`'s states step by step.
+    """
+    state, out = None, []
+    for a, bx, c in steps:
+        state = a * (torch.zeros_like(bx) if state is None else state) + bx  # (B, *state)
+        out.append(readout(state, c))
+    return out
 
 
 class HookedScan:
     """Mixin for a transformers SSM mixer: its per-step state is a HookPoint (module docstring).
 
-    The mixer's own forward runs unless `hook_state` is hooked (and no inference cache is
-    passed); then `scan_forward`, which the mixer class writes out, runs instead and routes
-    its states through `hooked_states`.
+    Without an inference cache, `scan_forward` (which the mixer class writes out) runs
+    instead of transformers' forward and routes its states through `hooked_states` while
+    `hook_state` is hooked. Unhooked, transformers' own forward runs if `own_unhooked` is
+    False or the input is on CUDA (where transformers' kernels may apply), else
+    `scan_forward`'s unhooked path.
     """
 
     hook_state: HookPoint
     last_states: torch.Tensor | None
+    own_unhooked: bool = False
+
+    @property
+    def hooked(self) -> bool:
+        hook = self.hook_state
+        return bool(hook._forward_hooks or hook._forward_pre_hooks)
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
-        hook = self.hook_state
-        if cache is not None or not (hook._forward_hooks or hook._forward_pre_hooks):
+        if cache is not None or (not self.hooked and (not self.own_unhooked or hidden_states.is_cuda)):
             return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
         return self.scan_forward(hidden_states, attention_mask)
 
@@ -96,8 +133,10 @@ class HookedScan:
 class HookedMambaMixer(HookedScan, hf_mamba.MambaMixer):
     """transformers' MambaMixer whose per-step state is a HookPoint (see the module docstring)."""
 
+    own_unhooked = True  # transformers' torch scan indexes per step: an O(T^2) backward
+
     def scan_forward(self, hidden_states: torch.Tensor, attention_mask=None) -> torch.Tensor:
-        """transformers' full-sequence torch path, with the states materialised and hookable."""
+        """transformers' full-sequence torch path in O(T), the states hookable."""
         dtype = hidden_states.dtype
         hidden_states = hf_mamba.apply_mask_to_padding_states(hidden_states, attention_mask)
         projected = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, T)
@@ -112,12 +151,21 @@ class HookedMambaMixer(HookedScan, hf_mamba.MambaMixer):
         u = x.transpose(1, 2)  # (B, d_inner, T)
         input_dtype = u.dtype
         dt = F.softplus(dt + self.dt_proj.bias.float()[..., None])  # (B, d_inner, T)
-        dA = torch.exp(A[None, :, None, :] * dt[:, :, :, None])  # (B, d_inner, T, d_state)
-        dBu = dt[:, :, :, None] * B[:, None, :, :].float() * u[:, :, :, None].float()  # (B, d_inner, T, d_state)
-        states = self.hooked_states(dA.transpose(1, 2), dBu.transpose(1, 2))  # (B, T, d_inner, d_state)
-        T = u.shape[-1]
-        y = torch.stack([torch.matmul(states[:, t].to(input_dtype), C[:, t, :].unsqueeze(-1))[:, :, 0]
-                         for t in range(T)], dim=-1)  # (B, d_inner, T)
+
+        def readout(h, c):  # (B, d_inner, d_state), (B, d_state) -> (B, d_inner), as transformers
+            return torch.matmul(h.to(input_dtype), c.unsqueeze(-1))[:, :, 0]
+
+        if self.hooked:
+            dA = torch.exp(A[None, :, None, :] * dt[:, :, :, None])  # (B, d_inner, T, d_state)
+            dBu = dt[:, :, :, None] * B[:, None, :, :].float() * u[:, :, :, None].float()  # (B, d_inner, T, d_state)
+            states = self.hooked_states(dA.transpose(1, 2), dBu.transpose(1, 2))  # (B, T, d_inner, d_state)
+            ys = [readout(h, c) for h, c in zip(states.unbind(1), C.unbind(1))]
+        else:  # the same values, discretised step by step (no (B, d_inner, T, d_state) tensors)
+            steps = ((torch.exp(A[None] * dt_t[:, :, None]),  # (B, d_inner, d_state)
+                      dt_t[:, :, None] * B_t[:, None, :].float() * u_t[:, :, None].float(), C_t)
+                     for dt_t, B_t, C_t, u_t in zip(dt.unbind(2), B.unbind(1), C.unbind(1), u.unbind(2)))
+            ys = scan_readout(steps, readout)
+        y = torch.stack(ys, dim=-1)  # (B, d_inner, T)
         y = (y + u * self.D.float()[None, :, None]) * F.silu(gate)  # (B, d_inner, T)
         return self.out_proj(y.transpose(1, 2).to(dtype))  # (B, T, d_model)
 

@@ -9,8 +9,12 @@ local `save_pretrained` directory. RWKV `.pth` checkpoints (v4-v6, inference onl
 through the `rwkv` package in adapters/rwkv_pth.py instead.
 
 The WKV state is not a module output. Every time-mixing module gets a `hook_state` HookPoint
-and a forward that, *only while that HookPoint is hooked*, runs transformers' CPU WKV loop
-(same operations, tested bit-equal) while materialising the state. `blocks.{i}.wkv.state`
+and a forward that runs transformers' CPU WKV loop (same operations, tested bit-equal in the
+forward and to about 1e-6 in gradients) in O(T): transformers indexes `key[:, t]` and writes
+`output[:, t]`, whose backward handles a whole (batch, T, d_att) gradient at every step;
+here the inputs are `unbind`-ed once and the outputs stacked. *While that HookPoint is
+hooked* the loop also materialises the state. With an inference state or cache, or unhooked
+on CUDA (transformers' kernel), the module is transformers' forward, untouched. `blocks.{i}.wkv.state`
 has axes (batch, pos, wkv_part, d_att): wkv_part 0, 1, 2 are transformers' numerically
 stabilised (numerator, denominator, max exponent), so the real numerator is
 num * exp(max). The state at position t is the state that step t *reads* (the summary of
@@ -49,9 +53,13 @@ class HookedRwkvSelfAttention(RwkvSelfAttention):
 
     def forward(self, hidden, state=None, use_cache=False):
         hook = self.hook_state
-        if state is not None or use_cache or not (hook._forward_hooks or hook._forward_pre_hooks):
+        hooked = bool(hook._forward_hooks or hook._forward_pre_hooks)
+        if state is not None or use_cache or (not hooked and hidden.is_cuda):
             return super().forward(hidden, state=state, use_cache=use_cache)
         receptance, key, value, _ = self.extract_key_value(hidden)  # (B, T, d_att) each
+        if not hooked:  # transformers' CPU loop indexes per step: an O(T^2) backward
+            out, _ = self.wkv(key, value, keep_states=False)
+            return self.output(receptance * out), None
         out, clean = self.wkv(key, value)
         states = self.hook_state(clean)  # (B, T, 3, d_att)
         self.last_states = None
@@ -61,38 +69,44 @@ class HookedRwkvSelfAttention(RwkvSelfAttention):
             self.last_states = states
         return self.output(receptance * out), None
 
-    def wkv(self, key, value, edited=None, changed=None):
-        """transformers' `rwkv_linear_attention_cpu`, returning also the state read at each step."""
-        _, seq_length, _ = key.size()
-        output = torch.zeros_like(key)  # (B, T, d_att)
+    def wkv(self, key, value, edited=None, changed=None, keep_states=True):
+        """transformers' `rwkv_linear_attention_cpu`, returning also the state read at each step.
+
+        The same operations step by step, but the inputs are split with `unbind` once and the
+        outputs stacked at the end: transformers indexes `key[:, t]` and writes `output[:, t]`,
+        whose backward zero-fills or copies a whole (B, T, d_att) gradient at every step.
+        Returns (B, T, d_att) and the states (B, T, 3, d_att), or None unless `keep_states`.
+        """
         num_state = torch.zeros_like(key[:, 0], dtype=torch.float32)  # (B, d_att)
         den_state = torch.zeros_like(key[:, 0], dtype=torch.float32)
         max_state = torch.zeros_like(key[:, 0], dtype=torch.float32) - 1e38
         time_decay = -torch.exp(self.time_decay)
         time_first = self.time_first
-        states = []
-        for t in range(seq_length):
-            if edited is not None:
-                c = changed[:, t, None]  # (B, 1)
-                num_state = torch.where(c, edited[:, t, 0], num_state)
-                den_state = torch.where(c, edited[:, t, 1], den_state)
-                max_state = torch.where(c, edited[:, t, 2], max_state)
-            states.append(torch.stack([num_state, den_state, max_state], 1))  # (B, 3, d_att)
-            current_key = key[:, t].float()
-            current_value = value[:, t]
+        T = key.shape[1]
+        edits = zip(edited.unbind(1), changed.unbind(1)) if edited is not None else [None] * T
+        outputs, states = [], []
+        for current_key, current_value, edit in zip(key.unbind(1), value.unbind(1), edits):
+            if edit is not None:
+                e, c = edit[0], edit[1][:, None]  # (B, 3, d_att), (B, 1)
+                num_state = torch.where(c, e[:, 0], num_state)
+                den_state = torch.where(c, e[:, 1], den_state)
+                max_state = torch.where(c, e[:, 2], max_state)
+            if keep_states:
+                states.append(torch.stack([num_state, den_state, max_state], 1))  # (B, 3, d_att)
+            current_key = current_key.float()
             max_for_output = torch.maximum(max_state, current_key + time_first)
             e1 = torch.exp(max_state - max_for_output)
             e2 = torch.exp(current_key + time_first - max_for_output)
             numerator = e1 * num_state + e2 * current_value
             denominator = e1 * den_state + e2
-            output[:, t] = (numerator / denominator).to(output.dtype)
+            outputs.append((numerator / denominator).to(key.dtype))
             max_for_state = torch.maximum(max_state + time_decay, current_key)
             e1 = torch.exp(max_state + time_decay - max_for_state)
             e2 = torch.exp(current_key - max_for_state)
             num_state = e1 * num_state + e2 * current_value
             den_state = e1 * den_state + e2
             max_state = max_for_state
-        return output, torch.stack(states, 1)  # (B, T, d_att), (B, T, 3, d_att)
+        return torch.stack(outputs, 1), torch.stack(states, 1) if keep_states else None
 
 
 class RWKVAdapter(Adapter):

@@ -76,8 +76,7 @@ class SpikingNet(nn.Module):
         spk = [x.new_zeros(B, d) for _ in self.blocks]  # (B, d) per layer
         mem = [x.new_zeros(B, d) for _ in self.blocks]  # (B, d) per layer
         logits = []
-        for t in range(T):
-            h = x[:, t]  # (B, d)
+        for t, h in enumerate(x.unbind(1)):  # h: (B, d); unbind, since x[:, t]'s backward is O(T)
             for i, block in enumerate(self.blocks):
                 spk[i], mem[i] = block.step(h, spk[i], mem[i], t, T)
                 h = spk[i]  # spikes drive the next layer

@@ -49,12 +49,14 @@ def attach_stepwise(site: StepSite, spec: HookSpec, intervention, store, grad: b
     """Register the per-step hook on `site.module`; returns the handle (see module docstring)."""
     history: list[torch.Tensor] = []  # edited per-step values of the current forward
     leaf: list[torch.Tensor] = []  # with grad: the cached (B, T, *f) tensor, in the graph
+    steps: list[torch.Tensor] = []  # with grad: its T per-step views (B, *f)
 
     def hook(module, args, output):
         x, t, n_steps = args[0], int(args[1]), int(args[2])  # (B, *f), step, number of steps
         if t == 0:
             history.clear()
             leaf.clear()
+            steps.clear()
         new = None
         if intervention is not None:
             later = [torch.zeros_like(x)] * (n_steps - t - 1)
@@ -65,17 +67,21 @@ def attach_stepwise(site: StepSite, spec: HookSpec, intervention, store, grad: b
         if store is None:
             return new
         if not grad:
-            store[spec.name] = torch.stack(history, dim=1).detach()  # (B, t+1, *f)
+            if t == n_steps - 1:  # stacked once, at the last step
+                store[spec.name] = torch.stack(history, dim=1).detach()  # (B, T, *f)
             return new
         # grad=True: the cache is a leaf whose step t is added to the carried value as
         # (leaf_t - leaf_t.detach()), exactly zero, so d(out)/d(cache) is the gradient with
         # respect to the per-step activation (through every later step) and values are unchanged.
+        # Its steps are views from one `unbind` (indexing leaf[:, t] at every step would
+        # zero-fill a whole (B, T, *f) gradient per step in the backward).
         if t == 0:
             leaf.append(torch.zeros(x.shape[0], n_steps, *x.shape[1:], dtype=x.dtype,
                                     device=x.device, requires_grad=True))
             store[spec.name] = leaf[0]
+            steps.extend(leaf[0].unbind(1))
         leaf[0].data[:, t] = x.detach()
-        step = leaf[0][:, t]
+        step = steps[t]
         return x + (step - step.detach())
 
     return site.module.register_forward_hook(hook, prepend=True)

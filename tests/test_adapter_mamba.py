@@ -3,6 +3,7 @@
 import pytest
 import torch
 from transformers import MambaForCausalLM
+from transformers.models.mamba import modeling_mamba as hf_mamba
 
 from archbench.adapters.mamba import MambaAdapter
 from archbench.hooks import Patch, Zero
@@ -44,11 +45,51 @@ def test_no_hook_run_is_exactly_the_wrapped_model(mamba, tokens):
     assert torch.equal(mamba.run(tokens, cache="all").logits, own)  # the hooked scan is bit-equal
 
 
-def test_hooked_scan_equals_transformers_mixer(mamba, tokens):
+def _transformers_copy(adapter):
+    """The same weights in transformers' own, unmodified MambaForCausalLM."""
+    ref = MambaForCausalLM(adapter.model.config)
+    ref.load_state_dict(adapter.model.state_dict())
+    return ref.eval()
+
+
+def _logits_and_grads(model_or_run, tokens):
+    """Logits and every parameter's gradient of a fixed random readout of them."""
+    logits, params = model_or_run(tokens)
+    w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad((logits * w).sum(), params)
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("cache", [None, "state"])  # archbench's O(T) loop, unhooked and hooked
+@pytest.mark.parametrize("T", [6, 17])
+def test_logits_and_gradients_equal_transformers(mamba, cache, T):
+    tokens = torch.randint(0, 10, (4, T), generator=torch.Generator().manual_seed(0))
+    ref = _transformers_copy(mamba)
+    ours, ours_grads = _logits_and_grads(
+        lambda x: (mamba.run(x, cache=cache, grad=True).logits, list(mamba.model.parameters())), tokens)
+    theirs, their_grads = _logits_and_grads(
+        lambda x: (ref(input_ids=x, use_cache=False).logits, list(ref.parameters())), tokens)
+    assert torch.equal(ours, theirs)  # the forward is the same operations
+    for (name, _), a, b in zip(mamba.model.named_parameters(), ours_grads, their_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_scan_equals_transformers_mixer_with_input_gradients(mamba, hooked):
     mixer = mamba.model.backbone.layers[0].mixer
-    hidden = torch.randn(4, 6, 64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(mixer.scan_forward(hidden), mixer(hidden))
+    hidden = torch.randn(4, 9, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    w = torch.randn(4, 9, 64, generator=torch.Generator().manual_seed(2))
+    handle = mixer.hook_state.register_forward_hook(lambda m, i, o: None) if hooked else None
+    try:
+        ours = mixer(hidden)
+    finally:
+        if handle is not None:
+            handle.remove()
+    theirs = hf_mamba.MambaMixer.forward(mixer, hidden)  # transformers' own torch scan
+    assert torch.equal(ours, theirs)
+    g_ours, = torch.autograd.grad((ours * w).sum(), hidden)
+    g_theirs, = torch.autograd.grad((theirs * w).sum(), hidden)
+    assert torch.allclose(g_ours, g_theirs, atol=1e-5)
 
 
 def test_state_equals_an_independent_recomputation(mamba, tokens):

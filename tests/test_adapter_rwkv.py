@@ -50,6 +50,23 @@ def test_hooked_wkv_equals_transformers_and_its_own_state(rwkv, tokens):
         assert torch.allclose(rest, out[:, 2:], atol=1e-6)
 
 
+@pytest.mark.parametrize("cache", [None, "state"])  # archbench's O(T) loop, unhooked and hooked
+@pytest.mark.parametrize("T", [6, 17])
+def test_logits_and_gradients_equal_transformers(rwkv, cache, T):
+    tokens = torch.randint(0, 10, (4, T), generator=torch.Generator().manual_seed(0))
+    ref = RwkvForCausalLM(rwkv.model.config)
+    ref.load_state_dict(rwkv.model.state_dict())
+    ref.eval()
+    w = torch.randn(4, T, 10, generator=torch.Generator().manual_seed(3))
+    ours = rwkv.run(tokens, cache=cache, grad=True).logits
+    theirs = ref(input_ids=tokens, use_cache=False).logits  # transformers' own CPU WKV loop
+    assert torch.equal(ours, theirs)
+    g_ours = torch.autograd.grad((ours * w).sum(), list(rwkv.model.parameters()))
+    g_theirs = torch.autograd.grad((theirs * w).sum(), list(ref.parameters()))
+    for (name, _), a, b in zip(rwkv.model.named_parameters(), g_ours, g_theirs):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+
+
 def test_every_hook_point_fires_with_its_axes(rwkv, tokens):
     out = rwkv.run(tokens, cache="all")
     assert set(out.cache) == set(rwkv.specs)
