@@ -1,121 +1,283 @@
-"""Linear probing: is the task's primary latent linearly decodable, and at what depth?
+"""Linear probing with a control task: is the primary latent decodable *selectively*?
 
-A multinomial logistic-regression probe (Alain & Bengio 2016, "Understanding intermediate
-layers using linear classifier probes"; Belinkov 2022, "Probing classifiers: promises,
-shortcomings, and advances") is fitted on the activations of every `embed`, `stream` and
-`state` hook point, read at the answer position (`adapter.answer_position`) when the latent is per example, or at
-every position when it is per position. Features are flattened and standardised; the probe
-is fitted in torch with full-batch L-BFGS and a small L2 penalty, all sites of one feature
-width at once.
+What it measures. A ridge-regularised linear classifier (Alain & Bengio 2016,
+"Understanding intermediate layers using linear classifier probes"; Belinkov 2022, "Probing
+classifiers: promises, shortcomings, and advances") is fitted at every representation site
+(`stream` and `state` hook points minus the raw embedding and the deepest `stream` site, the
+readout's input: `representation_sites`), read at the answer position
+(`adapter.answer_position`) for a per-example latent, or at every input position for a
+per-position latent. The same probe, at the same site and penalty, is also fitted on a
+Hewitt–Liang control task (Hewitt & Liang 2019, "Designing and interpreting probes with
+control tasks"): labels that are a fixed random function of the input tokens that define the
+variable. The score is *selectivity*: normalised accuracy on the real variable minus
+normalised accuracy on the control labels, at the best site.
 
-Scoring: held-out accuracy a on the test split, normalised against the majority-class
-baseline b (the most frequent train label, scored on the test labels): (a - b) / (1 - b).
-The score is the best site's normalised accuracy, and `per_example` holds
-(correct_i - b) / (1 - b) for that site, so its mean is the score before clipping.
+The probe. Features are standardised (float64: RWKV states hold -1e38 sentinels), projected
+onto principal components when wider than `width` (`Projection`: exact, i.e. the same
+ridge fit as at full width, whenever the train rows number at most `width`; recorded in
+`metrics["projection"]`), and fitted in closed form as a one-hot
+least-squares (ridge) classifier for each penalty of `ridges` (relative to the train rows'
+total feature variance), all targets of one site sharing one eigendecomposition. Per site,
+the penalty is the largest whose validation accuracy on the real variable
+(`task.sample(n_val, seed, "val")`) is within `tolerance` of the best (capacity is bounded
+by preferring the stronger penalty when it costs nothing; the control labels never choose
+it), and the control probe uses that same penalty. The scored site is the one with the
+highest validation selectivity; the reported numbers are on the test split, which neither
+choice saw.
+
+The control labels. Each row's key is the input with every position that is not relevant
+(`examples.relevant`) masked out, positions included (for a per-position latent at position
+t, only relevant positions <= t). Every distinct key gets a class per control map: the keys
+holding one value of the real variable are dealt the C classes round-robin in a seeded
+random order (`control_labels`), so a control task has the variable's number of classes and
+is a fixed random function of the relevant inputs that the variable itself does not predict
+(a plain random map of few keys, such as parity's 8, would often agree with the variable by
+chance). The control term is the mean over `n_controls` maps. The maps depend on the seed and
+the sampled keys only, so the trained organism and its random-init control share them.
+
+Scoring and chance. Normalised accuracy is (a - b) / (1 - b) with b the test share of the
+most frequent train label (a test label the train split never shows counts as wrong); it is
+0 at chance for either task. Selectivity is 0 in expectation for a representation that
+carries nothing about the input, and also for one that makes *every* function of the
+relevant inputs linearly decodable (random high-dimensional features, e.g. a random-init
+Mamba state): the probe then decodes the control as well as the variable. It is high only
+where the variable is decodable and an arbitrary function of the same inputs is not.
+`per_example` holds, per test example, (correct - b) / (1 - b) on the real variable minus
+the mean over control maps of the same quantity (averaged over positions for a per-position
+latent); its mean is the score before clipping to [0, 1]. Metrics also report the real
+variable's normalised accuracy alone (`normalised_accuracy`) and the control's.
+
+What it cannot detect. A variable held nonlinearly (the probe is linear), or only at the
+excluded sites (the embedding, the readout's input): those cells score 0. Where the relevant
+tokens determine the whole varying input (modadd: a and b), no test input shares its key
+with a train input, so the control cannot be memorised, sits at chance, and selectivity
+equals normalised accuracy. Selectivity is not causal use (patching asks that). A control
+map that happens to align with some other decodable function of the inputs (few keys, e.g.
+parity's 8: a map equal to one input bit) lowers it; `n_controls` maps average that out.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import hashlib
 
+import numpy as np
 import torch
-from torch.nn import functional as F
 
-from archbench.technique import Result, Technique
+from archbench.technique import Result, Technique, representation_sites
 
-SITE_ROLES = ("embed", "stream", "state")
+SITE_ROLES = ("stream", "state")
 
 
 def _features(act: torch.Tensor, latent: torch.Tensor, position: int) -> torch.Tensor:
     """(n, T, *features) -> (rows, F): one row per example, or per (example, position)."""
     if latent.dim() == 1:
-        return act[:, position].flatten(1).float()  # (n, F)
-    return act[:, :latent.shape[1]].flatten(2).flatten(0, 1).float()  # (n*T, F): input positions
+        return act[:, position].flatten(1)  # (n, F)
+    return act[:, :latent.shape[1]].flatten(2).flatten(0, 1)  # (n*T, F): input positions
 
 
-def _fit_predict(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
-                 n_classes: int, steps: int, l2: float) -> torch.Tensor:
-    """Fit S independent probes at once: x_train (S, N, F), x_test (S, M, F) -> (S, M) labels."""
-    # Standardise in float64: recurrent states can hold huge sentinels (RWKV's running max
-    # starts near -1e38), whose float32 sums overflow to inf.
-    x_train, x_test = x_train.double(), x_test.double()
-    mean = x_train.mean(1, keepdim=True)  # (S, 1, F)
-    std = x_train.std(1, keepdim=True)  # (S, 1, F)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant features stay ~0
-    x_train = ((x_train - mean) / std).float()  # (S, N, F)
-    x_test = ((x_test - mean) / std).float().nan_to_num(0.0, 0.0, 0.0)  # (S, M, F)
-    n_sites, n_rows, n_feat = x_train.shape
-    w = torch.zeros(n_sites, n_feat, n_classes, requires_grad=True)  # (S, F, C)
-    b = torch.zeros(n_sites, 1, n_classes, requires_grad=True)  # (S, 1, C)
-    target = y_train.repeat(n_sites)  # (S*N,)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, history_size=20,
-                            tolerance_grad=1e-7, tolerance_change=1e-10,
-                            line_search_fn="strong_wolfe")
+class Projection:
+    """Standardise, then (when wider than `width`) project onto principal components.
 
-    def closure():
-        opt.zero_grad()
-        logits = torch.baddbmm(b, x_train, w)  # (S, N, C)
-        # the sum over sites of each site's mean cross-entropy plus its L2 penalty
-        loss = F.cross_entropy(logits.reshape(-1, n_classes), target) * n_sites + l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
+    Fitted on train rows: per-feature mean and std (float64; constant features stay 0). A
+    site wider than `width` is projected onto the principal components of at most `width`
+    train rows (a seeded subsample when there are more), computed exactly from their
+    (rows x rows) Gram. When all train rows fit (`exact`), the basis spans the train rows,
+    and a ridge fit in it equals the full-width ridge fit on every input (its weights lie in
+    that span); with more rows it is the top-`width` PCA of the subsample. Apply with
+    `__call__` to rows of the same site: (N, F) -> (N, out_width) float64.
+    """
 
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        return torch.baddbmm(b, x_test, w).argmax(-1)  # (S, M)
+    def __init__(self, x: torch.Tensor, width: int | None, seed: int, standardise: bool = True):
+        x = x.double()
+        self.mean = x.mean(0)  # (F,)
+        std = x.std(0) if standardise and len(x) > 1 else torch.ones_like(self.mean)
+        self.std = torch.where(std > 1e-6, std, torch.ones_like(std))  # (F,)
+        self.in_width, self.basis, self.fit_rows = x.shape[1], None, len(x)
+        z = ((x - self.mean) / self.std).nan_to_num(0.0, 0.0, 0.0)  # (N, F)
+        # the penalty scale: the mean per-feature variance of the full-width train rows
+        self.feature_var = float(z.pow(2).sum() / (len(z) * max(z.shape[1], 1)))
+        if width is not None and x.shape[1] > width:
+            if len(z) > width:
+                gen = torch.Generator().manual_seed(seed)
+                z = z[torch.randperm(len(z), generator=gen)[:width]]  # (width, F)
+            zc = z - z.mean(0)
+            s, u = torch.linalg.eigh(zc @ zc.T)  # (r,), (r, r) ascending
+            keep = s > s.max().clamp_min(1e-30) * 1e-10
+            s, u = s[keep].flip(0), u[:, keep].flip(1)  # descending, nonzero only
+            self.basis = zc.T @ u / s.sqrt()  # (F, r) orthonormal principal directions
+            self.fit_rows = len(z)
+        self.exact = self.basis is None or self.fit_rows == len(x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        z = ((x.double() - self.mean) / self.std).nan_to_num(0.0, 0.0, 0.0)  # (N, F)
+        return z if self.basis is None else z @ self.basis  # (N, out_width)
+
+    def describe(self) -> dict:
+        return {"method": "pca" if self.basis is not None else "none", "in_width": self.in_width,
+                "out_width": self.in_width if self.basis is None else self.basis.shape[1],
+                "fit_rows": self.fit_rows, "exact": self.exact}
+
+
+def ridge_paths(z_train: torch.Tensor, y_train: torch.Tensor, ridges, *evals: torch.Tensor,
+                scale: float | None = None):
+    """Closed-form ridge regression for every penalty: -> [[pred (M, K) per eval] per ridge].
+
+    z_train (N, w) float64, y_train (N, K) targets; the intercept is unpenalised (centring).
+    Each penalty is lam * scale, scale defaulting to N times the mean feature variance, so
+    that a penalty means the same at full width and after a projection that keeps the
+    train rows' span (pass the full width's `Projection.feature_var * N`).
+    """
+    mu, ybar = z_train.mean(0), y_train.mean(0)  # (w,), (K,)
+    zc = z_train - mu  # (N, w)
+    s, v = torch.linalg.eigh(zc.T @ zc)  # (w,), (w, w)
+    s = s.clamp_min(0.0)
+    b = v.T @ (zc.T @ (y_train - ybar))  # (w, K)
+    if scale is None:
+        scale = float(zc.pow(2).sum()) / max(zc.shape[1], 1)
+    scale = max(scale, 1e-12)
+    evs = [(e - mu) @ v for e in evals]  # (M, w) each, in the eigenbasis
+    return [[e @ (b / (s + lam * scale)[:, None]) + ybar for e in evs] for lam in ridges]
+
+
+def control_keys(examples, latent: torch.Tensor) -> np.ndarray:
+    """(rows, T) int64: the input with non-relevant positions masked (-1), one row per probe row.
+
+    For a per-position latent, row (i, t) also masks positions after t (-2): the key is the
+    relevant input up to t.
+    """
+    masked = torch.where(examples.relevant, examples.tokens, -1)  # (n, T)
+    if latent.dim() == 1:
+        return masked.numpy().astype(np.int64)
+    T = latent.shape[1]
+    after = torch.arange(masked.shape[1])[None, :] > torch.arange(T)[:, None]  # (T, T_in)
+    rows = torch.where(after[None], -2, masked[:, None, :])  # (n, T, T_in)
+    return rows.flatten(0, 1).numpy().astype(np.int64)  # (n*T, T_in)
+
+
+def control_labels(keys: dict[str, np.ndarray], values: dict[str, np.ndarray], n_classes: int,
+                   n_maps: int, seed: int) -> dict[str, torch.Tensor]:
+    """Control-task labels: split -> (rows, n_maps) class indices in [0, n_classes).
+
+    keys: split -> (rows, T) masked inputs (`control_keys`); values: split -> (rows,) the real
+    variable of each row. Every distinct key of all splits gets, per map, a class: the keys
+    holding one value of the variable are put in a seeded random order and dealt the classes
+    round-robin from a seeded random start, so that every class is (up to rounding) equally
+    frequent within every value of the variable. The control is then a fixed random
+    function of the relevant inputs that knowing the variable does not predict, even when
+    there are few keys. Deterministic in (keys, values, seed).
+    """
+    splits = list(keys)
+    allk = np.concatenate([keys[s] for s in splits])  # (R, T)
+    allv = np.concatenate([values[s] for s in splits])  # (R,)
+    uniq, first, inverse = np.unique(allk, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    key_value = allv[first]  # (K,) the variable at each key's first row
+    salt = np.int64(seed).tobytes()
+    label = np.empty((len(uniq), n_maps), dtype=np.int64)  # (K, n_maps)
+    for r in range(n_maps):
+        tag = salt + np.int64(r).tobytes()
+        order = np.array([int.from_bytes(hashlib.blake2b(tag + row.tobytes(), digest_size=8).digest(),
+                                         "little") for row in uniq], dtype=np.uint64)  # (K,)
+        for v in np.unique(key_value):
+            members = np.flatnonzero(key_value == v)
+            members = members[np.argsort(order[members], kind="stable")]
+            start = int.from_bytes(hashlib.blake2b(tag + np.int64(v).tobytes(), digest_size=8).digest(),
+                                   "little") % n_classes
+            label[members, r] = (start + np.arange(len(members))) % n_classes
+    out, at = {}, 0
+    for s in splits:
+        out[s] = torch.as_tensor(label[inverse[at:at + len(keys[s])]])
+        at += len(keys[s])
+    return out
+
+
+def _index(y_raw: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Labels -> class indices in [0, C); -1 for a label the train split never shows."""
+    slot = torch.searchsorted(classes, y_raw).clamp_max(len(classes) - 1)
+    return torch.where(classes[slot] == y_raw, slot, -1)
 
 
 class Probe(Technique):
     name = "probe"
+    version = 2
     representation = True
-    roles = frozenset({"stream", "state"})
-    default_config = {"n_train": 1024, "n_test": 512, "steps": 100, "l2": 1e-3}
+    roles = frozenset(SITE_ROLES)
+    # width: features are projected onto this many principal components when wider;
+    # ridges: the penalty grid (relative to the mean Gram eigenvalue), chosen on validation;
+    # tolerance: the largest penalty within this of the best validation accuracy is kept;
+    # n_controls: independent control-task maps, averaged.
+    default_config = {"n_train": 1024, "n_val": 512, "n_test": 512, "width": 256,
+                      "ridges": (1e-3, 1e-2, 1e-1, 1.0), "tolerance": 0.01, "n_controls": 8}
 
+    @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:
         cfg = self.config
-        train = task.sample(cfg["n_train"], seed, "train")
-        test = task.sample(cfg["n_test"], seed, "test")
-        names = adapter.names(list(SITE_ROLES))
-        acts_train = adapter.run(train.tokens, cache=names).cache  # name -> (n_train, T, *f)
-        acts_test = adapter.run(test.tokens, cache=names).cache  # name -> (n_test, T, *f)
+        splits = {s: task.sample(cfg[f"n_{s}"], seed, s) for s in ("train", "val", "test")}
+        all_names = adapter.names(list(SITE_ROLES) + ["embed"])
+        scored = set(representation_sites(adapter, all_names))
+        if not scored:
+            return Result.not_applicable(f"{adapter.family} has no representation site besides "
+                                         "the embedding and the readout's input")
+        pos = adapter.answer_position(task.seq_len)
+        lat = {s: ex.latents[task.primary] for s, ex in splits.items()}
+        classes = torch.unique(lat["train"])  # (C,) sorted
+        C, R = len(classes), cfg["n_controls"]
+        y = {s: _index(lat[s].reshape(-1).long(), classes) for s in splits}  # (rows,) each
+        yc = control_labels({s: control_keys(ex, lat[s]) for s, ex in splits.items()},
+                            {s: lat[s].reshape(-1).numpy() for s in splits}, C, R, seed)  # (rows, R)
+        # one-hot targets: C columns for the variable, then C per control map
+        onehot = torch.cat([torch.nn.functional.one_hot(y["train"], C)]
+                           + [torch.nn.functional.one_hot(yc["train"][:, r], C) for r in range(R)],
+                           1).double()  # (N, C * (1 + R))
 
-        y_train_raw = train.latents[task.primary].reshape(-1).long()  # (N,)
-        y_test_raw = test.latents[task.primary].reshape(-1).long()  # (M,)
-        classes = torch.unique(y_train_raw)  # (C,) sorted
-        y_train = torch.searchsorted(classes, y_train_raw)  # (N,) in [0, C)
-        slot = torch.searchsorted(classes, y_test_raw).clamp_max(len(classes) - 1)  # (M,)
-        y_test = torch.where(classes[slot] == y_test_raw, slot, -1)  # (M,) -1: unseen, always wrong
-        majority = int(torch.bincount(y_train, minlength=len(classes)).argmax())
-        baseline = float((y_test == majority).float().mean())
-        denom = max(1.0 - baseline, 1e-9)
+        def baseline(labels_train, labels):
+            return float((labels == torch.bincount(labels_train.clamp_min(0)).argmax()).double().mean())
 
-        # Group sites by feature width so that each group is one batched fit.
-        pos = adapter.answer_position(task.seq_len)  # where per-example latents are read
-        groups: dict[int, list[str]] = defaultdict(list)
-        x_tr, x_te = {}, {}
+        base = {s: [baseline(y["train"], y[s])] + [baseline(yc["train"][:, r], yc[s][:, r])
+                                                    for r in range(R)] for s in ("val", "test")}
+
+        def norm_correct(pred, split):
+            """(M, C*(1+R)) scores -> (M, 1+R) per-row normalised correctness."""
+            out = []
+            for j in range(1 + R):
+                label = y[split] if j == 0 else yc[split][:, j - 1]
+                hit = (pred[:, j * C:(j + 1) * C].argmax(-1) == label).double()
+                out.append((hit - base[split][j]) / max(1.0 - base[split][j], 1e-9))
+            return torch.stack(out, 1)  # (M, 1 + R)
+
+        names = all_names  # every site is fitted and reported; only `scored` ones can win
+        acts = {s: adapter.run(ex.tokens, cache=names).cache for s, ex in splits.items()}
+        details, per_site = [], {}
         for name in names:
-            x_tr[name] = _features(acts_train[name], train.latents[task.primary], pos)  # (N, F)
-            x_te[name] = _features(acts_test[name], test.latents[task.primary], pos)  # (M, F)
-            groups[x_tr[name].shape[1]].append(name)
-        correct = {}
-        for group in groups.values():
-            pred = _fit_predict(torch.stack([x_tr[n] for n in group]), y_train,
-                                torch.stack([x_te[n] for n in group]),
-                                len(classes), cfg["steps"], cfg["l2"])  # (S, M)
-            for name, p in zip(group, pred):
-                correct[name] = (p == y_test).float()  # (M,)
-
-        details = []
-        for name in names:
+            feats = {s: _features(acts[s][name], lat[s], pos) for s in splits}  # (rows, F)
+            proj = Projection(feats["train"], cfg["width"], seed)
+            paths = ridge_paths(proj(feats["train"]), onehot, cfg["ridges"],
+                                proj(feats["val"]), proj(feats["test"]),
+                                scale=proj.feature_var * len(onehot))
+            # the penalty: the largest whose validation accuracy on the real variable is
+            # within `tolerance` of the best (the control never chooses it)
+            nvs = [norm_correct(p_val, "val") for p_val, _ in paths]  # (M_val, 1 + R) each
+            acc_val = [float(nv[:, 0].mean()) for nv in nvs]
+            i = max(j for j in range(len(paths)) if acc_val[j] >= max(acc_val) - cfg["tolerance"])
+            lam, nv, nt = cfg["ridges"][i], nvs[i], norm_correct(paths[i][1], "test")
+            sel_val = float(nv[:, 0].mean() - nv[:, 1:].mean())
+            per_row = nt[:, 0] - nt[:, 1:].mean(1)  # (M_test,)
+            per_site[name] = per_row.view(len(splits["test"]), -1).mean(1)  # (n_test,)
             spec = adapter.specs[name]
-            acc = float(correct[name].mean())
             details.append({"site": name, "role": spec.role, "layer": spec.layer,
-                            "accuracy": acc, "normalised": (acc - baseline) / denom})
-        best = max(details, key=lambda d: d["normalised"])
-        per_example = correct[best["site"]].view(len(test), -1).mean(1)  # (n_test,) over positions
+                            "scored": name in scored, "ridge": lam,
+                            "selectivity": float(per_row.mean()), "selectivity_val": sel_val,
+                            "normalised": float(nt[:, 0].mean()),
+                            "control_normalised": float(nt[:, 1:].mean()),
+                            "accuracy": float(nt[:, 0].mean() * (1 - base["test"][0]) + base["test"][0]),
+                            "projection": proj.describe()})
+        best = max((d for d in details if d["scored"]), key=lambda d: d["selectivity_val"])
         return Result.from_per_example(
-            ((per_example - baseline) / denom).tolist(), details=details,
-            metrics={"best_site": best["site"], "best_layer": best["layer"],
-                     "majority_baseline": baseline, "accuracy": best["accuracy"],
-                     "n_classes": len(classes)})
+            per_site[best["site"]].tolist(), details=details,
+            metrics={"best_site": best["site"], "best_layer": best["layer"], "ridge": best["ridge"],
+                     "selectivity": best["selectivity"],
+                     "normalised_accuracy": best["normalised"],
+                     "control_normalised_accuracy": best["control_normalised"],
+                     "accuracy": best["accuracy"], "majority_baseline": base["test"][0],
+                     "n_classes": C, "n_controls": R, "projection": best["projection"],
+                     "excluded_sites": sorted(set(names) - scored)})

@@ -107,17 +107,18 @@ def _in_unit(result):
     assert result.applicable and isinstance(result.score, float) and 0.0 <= result.score <= 1.0
 
 
-def test_probe_finds_the_site_where_the_sum_lives(task):
+def test_probe_reports_but_never_scores_the_readout_input(task):
+    """HandBuilt holds the sum only at its deepest stream (the readout's input): score ~0."""
     torch.manual_seed(0)
     r = Probe(**FAST_PROBE)(HandBuilt.for_task(task, 0), task, 0)
     _in_unit(r)
-    norm = _by_site(r, "normalised")
-    assert norm["blocks.1.out"] > 0.97
-    assert abs(norm["blocks.0.out"]) < 0.1 and abs(norm["embed"]) < 0.1  # noise; constant "=" token
-    assert r.metrics["best_site"] == "blocks.1.out" and r.metrics["best_layer"] == 2
-    assert r.score == pytest.approx(norm["blocks.1.out"])
+    norm, scored = _by_site(r, "normalised"), _by_site(r, "scored")
+    assert norm["blocks.1.out"] > 0.97 and not scored["blocks.1.out"] and not scored["embed"]
+    assert abs(norm["blocks.0.out"]) < 0.1  # noise nothing reads
+    assert r.metrics["best_site"] == "blocks.0.out" and r.metrics["excluded_sites"] == ["blocks.1.out", "embed"]
+    assert r.score < 0.1
     assert len(r.per_example) == FAST_PROBE["n_test"]
-    assert sum(r.per_example) / len(r.per_example) == pytest.approx(norm["blocks.1.out"])
+    assert sum(r.per_example) / len(r.per_example) == pytest.approx(_by_site(r, "selectivity")["blocks.0.out"])
     assert 0 <= r.metrics["majority_baseline"] < 0.2
 
 
@@ -139,15 +140,19 @@ def test_patching_localises_the_sum(task):
     r = Patching(n_pairs=128)(HandBuilt.for_task(task, 0), task, 0)
     _in_unit(r)
     iia = {(d["site"], d["position"]): d["iia"] for d in r.details}
-    assert len(iia) == 3 * task.seq_len
+    assert len(iia) == 3 * (task.seq_len + 1)  # every position, and the one each pair changed
     assert iia[("blocks.1.out", 2)] == 1.0 and iia[("embed", 0)] == 1.0  # a's input, the answer site
+    assert iia[("embed", "aligned")] == 1.0  # modadd changes a: aligned is position 0 for every pair
     assert iia[("embed", 1)] == 0.0 and iia[("embed", 2)] == 0.0  # b and "=" do not differ
     assert iia[("blocks.1.out", 0)] == 0.0 and iia[("blocks.1.out", 1)] == 0.0
-    assert max(iia[("blocks.0.out", p)] for p in range(3)) == 0.0  # noise nothing reads
-    # Both causal cells are trivial (the input itself, the readout's own input), so nothing
-    # intermediate carries the sum and the score is 0: patching scores localisation, not accuracy.
-    trivial = {(d["site"], d["position"]) for d in r.details if d["trivial"]}
-    assert trivial == {("embed", 0), ("embed", 1), ("embed", 2), ("blocks.1.out", 2)}
+    assert max(iia[("blocks.0.out", p)] for p in (0, 1, 2, "aligned")) == 0.0  # noise nothing reads
+    # The causal cells are trivial (the input itself, the readout's own input) and every other
+    # cell is no better than the embedding at its position, so nothing intermediate carries the
+    # sum and the score is 0: patching scores localisation, not accuracy.
+    why = {(d["site"], d["position"]): d["trivial_reason"] for d in r.details}
+    assert {k for k, v in why.items() if v == "input embedding"} == {("embed", p) for p in (0, 1, 2, "aligned")}
+    assert {k for k, v in why.items() if v == "readout input"} == {("blocks.1.out", 2)}
+    assert all(d["trivial"] for d in r.details) and r.metrics["best_site"] is None
     assert r.score == 0.0 and len(r.per_example) == 128
     assert r.metrics["n_pairs_used"] == 128 and r.metrics["last_stream_last_position_iia"] == 1.0
 
@@ -177,7 +182,7 @@ def test_transformer_random_init_end_to_end(task):
     assert len(probe.details) == 1 + model.config["n_layers"]
     patch = Patching(n_pairs=64)(model, task, 0)
     _in_unit(patch)
-    assert len(patch.details) == (1 + model.config["n_layers"]) * task.seq_len
+    assert len(patch.details) == (1 + model.config["n_layers"]) * (task.seq_len + 1)  # + aligned
 
 
 def test_probe_on_a_per_position_latent():
@@ -192,12 +197,13 @@ def test_probe_on_a_per_position_latent():
 
 def test_probe_standardisation_survives_huge_sentinel_features():
     """Recurrent states can hold -1e38 sentinels (RWKV's running max); float32 sums overflow."""
-    from archbench.techniques.probe import _fit_predict
+    from archbench.techniques.probe import Projection, ridge_paths
 
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(0, 2, (256,), generator=gen)  # (N,)
     signal = y.float()[:, None] + 0.1 * torch.randn(256, 1, generator=gen)  # (N, 1)
     sentinel = torch.full((256, 3), -1e38)  # (N, 3) constant huge values
-    x = torch.cat([signal, sentinel], 1)[None]  # (1, N, 4)
-    pred = _fit_predict(x, y, x, n_classes=2, steps=50, l2=1e-3)  # (1, N)
-    assert (pred[0] == y).float().mean() > 0.95
+    x = torch.cat([signal, sentinel], 1)  # (N, 4)
+    proj = Projection(x, None, 0)
+    (pred,), = ridge_paths(proj(x), F.one_hot(y, 2).double(), [1e-3], proj(x))  # (N, 2)
+    assert (pred.argmax(-1) == y).float().mean() > 0.95

@@ -1,0 +1,200 @@
+"""Planted-model tests for the representation scores (probe, SAE, CKA).
+
+`Planted` runs on parity with known secret positions (5, 6, 9); its primary variable is
+partial_xor = bit5 ^ bit6. It has an embed site (the one-hot input), a `mid` stream and a
+`deep` stream (the readout's input, read by the logits). `mode` says what `mid` and `deep`
+hold at the answer position (elsewhere small noise):
+- "mid": mid = one-hot of partial_xor (+ noise), deep = one-hot of the answer;
+- "deep": mid = noise, deep = one-hot of partial_xor (the variable only at the readout's input);
+- "lookup": mid = one-hot of the tuple of the three secret bits (8 values): every function of
+  the relevant inputs, the variable and any control task alike, is linearly decodable there;
+- "none": mid and deep are noise (the model ignores its input).
+A score that is chance-level, or that reads the readout's input, fails these tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from archbench.adapter import Adapter, Site
+from archbench.hooks import HookPoint, HookSpec
+from archbench.tasks.parity import Parity
+
+torch.set_num_threads(1)
+D = ("batch", "pos", "d")
+WIDTH = 16
+
+
+def _technique(module: str, cls: str):
+    return getattr(importlib.import_module(f"archbench.techniques.{module}"), cls)
+
+
+Probe = _technique("probe", "Probe")
+probe_module = importlib.import_module("archbench.techniques.probe")
+
+
+class _PlantedModel(nn.Module):
+    def __init__(self, vocab: int, mode: str, seed: int):
+        super().__init__()
+        self.vocab, self.mode = vocab, mode
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("rot", torch.linalg.qr(torch.randn(WIDTH, WIDTH, generator=gen))[0])
+        self.embed, self.mid, self.deep = HookPoint(), HookPoint(), HookPoint()
+
+    def forward(self, tokens):
+        B, T = tokens.shape
+        e = self.embed(F.one_hot(tokens, self.vocab).float())  # (B, T, V)
+        xor = tokens[:, 5] ^ tokens[:, 6]  # (B,)
+        answer = (tokens[:, 5] + tokens[:, 6] + tokens[:, 9]) % 2  # (B,)
+        mid = 0.05 * torch.randn(B, T, WIDTH)  # (B, T, W)
+        deep = 0.05 * torch.randn(B, T, WIDTH)  # (B, T, W)
+        if self.mode == "mid":
+            mid[:, -1, :2] += F.one_hot(xor, 2).float()
+        if self.mode == "lookup":
+            mid[:, -1, :8] += F.one_hot(4 * tokens[:, 5] + 2 * tokens[:, 6] + tokens[:, 9], 8).float()
+        if self.mode in ("mid", "lookup"):
+            deep[:, -1, :2] += F.one_hot(answer, 2).float()
+        if self.mode == "deep":
+            deep[:, -1, :2] += F.one_hot(xor, 2).float()
+        mid = self.mid(mid @ self.rot + 0 * e.sum(-1, keepdim=True))  # (B, T, W) rotated
+        deep = self.deep(deep)  # (B, T, W)
+        logits = torch.zeros(B, T, self.vocab)
+        logits[..., :2] = 10 * deep[..., :2]
+        return logits  # (B, T, V)
+
+
+class Planted(Adapter):
+    family = "planted"
+    default_config = {"mode": "mid"}
+
+    @classmethod
+    def build_model(cls, config):
+        return _PlantedModel(config["vocab_size"], config["mode"], config.get("seed", 0))
+
+    def forward(self, tokens):
+        return self.model(tokens)
+
+    def hook_points(self):
+        return [HookSpec("embed", "embed", D, 0), HookSpec("mid", "stream", D, 1),
+                HookSpec("deep", "stream", D, 2)]
+
+    def sites(self):
+        m = self.model
+        return {"embed": Site(m.embed), "mid": Site(m.mid), "deep": Site(m.deep)}
+
+
+@pytest.fixture(scope="module")
+def task():
+    return Parity(n_bits=10, secret=(5, 6, 9))
+
+
+def _planted(task, mode):
+    torch.manual_seed(0)
+    return Planted.for_task(task, 0, mode=mode)
+
+
+def _ok(result, n=None):
+    assert result.applicable, result.reason
+    assert 0.0 <= result.score <= 1.0
+    if n is not None:
+        assert len(result.per_example) == n
+    assert sum(result.per_example) / len(result.per_example) == pytest.approx(
+        result.score, abs=1e-9) or result.score in (0.0, 1.0)
+
+
+FAST = {"n_train": 512, "n_val": 256, "n_test": 256}
+
+
+# ---- probe --------------------------------------------------------------------------------
+
+def test_probe_scores_a_variable_held_at_an_intermediate_site(task):
+    r = Probe(**FAST)(_planted(task, "mid"), task, 0)
+    _ok(r, 256)
+    assert r.metrics["best_site"] == "mid"
+    assert r.score > 0.7 and r.metrics["normalised_accuracy"] > 0.95
+    assert r.metrics["control_normalised_accuracy"] < 0.3
+
+
+def test_probe_ignores_a_variable_held_only_at_the_readout_input(task):
+    r = Probe(**FAST)(_planted(task, "deep"), task, 0)
+    _ok(r)
+    by_site = {d["site"]: d for d in r.details}
+    assert by_site["deep"]["normalised"] > 0.95 and not by_site["deep"]["scored"]
+    assert r.score < 0.1
+
+
+def test_probe_selectivity_is_zero_where_every_function_of_the_inputs_is_decodable(task):
+    """A lookup table of the relevant inputs decodes the variable and the control alike."""
+    r = Probe(**FAST)(_planted(task, "lookup"), task, 0)
+    _ok(r)
+    assert r.metrics["normalised_accuracy"] > 0.95  # the plain probe would score ~1
+    assert r.metrics["control_normalised_accuracy"] > 0.9
+    assert r.score < 0.1
+
+
+def test_probe_on_a_model_that_ignores_its_input(task):
+    r = Probe(**FAST)(_planted(task, "none"), task, 0)
+    _ok(r)
+    assert r.score < 0.1
+
+
+def test_probe_random_init_transformer_has_about_zero_selectivity(task):
+    from archbench.adapters.transformer import TransformerAdapter
+
+    r = Probe(**FAST)(TransformerAdapter.for_task(task, 0), task, 0)
+    _ok(r)
+    assert r.score < 0.15
+
+
+def test_probe_is_not_applicable_without_a_representation_site(task):
+    class DeepOnly(Planted):
+        family = "deep-only"
+
+        def hook_points(self):
+            return [HookSpec("embed", "embed", D, 0), HookSpec("deep", "stream", D, 2)]
+
+        def sites(self):
+            return {"embed": Site(self.model.embed), "deep": Site(self.model.deep)}
+
+    r = Probe(**FAST)(DeepOnly.for_task(task, 0), task, 0)
+    assert not r.applicable and "readout" in r.reason
+
+
+def test_control_labels_are_a_fixed_function_of_the_relevant_inputs(task):
+    ex = {s: task.sample(256, 0, s) for s in ("train", "test")}
+    keys = {s: probe_module.control_keys(e, e.latents[task.primary]) for s, e in ex.items()}  # (n, T)
+    values = {s: e.latents[task.primary].numpy() for s, e in ex.items()}
+    a = probe_module.control_labels(keys, values, 2, 4, seed=3)  # split -> (n, 4)
+    again = probe_module.control_labels(keys, values, 2, 4, seed=3)
+    assert all(torch.equal(a[s], again[s]) for s in a)  # deterministic
+    other = probe_module.control_labels(keys, values, 2, 8, seed=4)
+    assert not torch.equal(a["train"], other["train"][:, :4])  # seeded
+    labels = torch.cat([a["train"], a["test"]])  # (2n, 4)
+    tup = torch.cat([4 * e.tokens[:, 5] + 2 * e.tokens[:, 6] + e.tokens[:, 9] for e in ex.values()])
+    xor = torch.cat([e.latents[task.primary] for e in ex.values()])
+    for r in range(4):
+        table = {}
+        for t, lab in zip(tup.tolist(), labels[:, r].tolist()):
+            assert table.setdefault(t, lab) == lab  # a function of the secret bits, in both splits
+        for v in (0, 1):  # each class twice among the four tuples of each value of the variable
+            tuples = {t for t, x in zip(tup.tolist(), xor.tolist()) if x == v}
+            assert sorted(table[t] for t in tuples) == [0, 0, 1, 1]
+
+
+def test_projection_keeps_the_ridge_fit_when_it_spans_the_train_rows():
+    """PCA onto the span of the train rows leaves a ridge classifier's predictions unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 50, generator=gen) @ torch.randn(50, 600, generator=gen)  # (N, F) rank 50
+    x_test = torch.randn(80, 50, generator=gen) @ torch.randn(50, 600, generator=gen)
+    y = F.one_hot(torch.randint(0, 3, (200,), generator=gen), 3).double()
+    full = probe_module.Projection(x, None, 0)
+    small = probe_module.Projection(x, 256, 0)
+    assert small.describe()["method"] == "pca" and small.describe()["exact"]
+    (p_full,), = probe_module.ridge_paths(full(x), y, [0.1], full(x_test), scale=full.feature_var * 200)
+    (p_small,), = probe_module.ridge_paths(small(x), y, [0.1], small(x_test), scale=small.feature_var * 200)
+    assert torch.allclose(p_full, p_small, atol=1e-6)
