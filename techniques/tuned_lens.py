@@ -12,10 +12,21 @@ and every `state` site (any shape, flattened) to the deepest stream site.
 Either way the lens is fitted to the model's own final state, never to the answer, so it
 cannot recover an answer the model does not compute.
 
-Scoring is shared with the logit lens (`score_lens`): mean over sites (the deepest stream
-site excluded: its translator is the identity) of the fraction of test examples whose
-decoded top-1 token is the task's answer; `agreement_with_final` and
-`first_decodable_layer` are secondary.
+Scoring is shared with the logit lens (`score_lens`): the lens predicts among the task's
+answer tokens only (`answer_prediction`), and the score is the mean over sites (the
+deepest stream site excluded: its translator is the identity) of the chance-corrected lens
+accuracy (a - c) / (1 - c); `per_example` holds each example's corrected fraction of
+scored sites naming its answer, so its mean is the score before clipping.
+
+What the score measures: how much of the model's answer an affine read-out of each
+intermediate state already predicts, on held-out examples. Chance level: c = the
+majority-class rate of the scored test answers (a constant guess), so a model that
+answers with a constant scores <= 0. What it cannot detect: an answer held nonlinearly
+(the translator is affine); the difference between a site that computes the answer and
+one that merely carries inputs from which an affine map to the final state happens to
+exist (early sites of a model whose answer is an affine function of the input score high:
+compare the control); whether the model uses what the lens reads. `agreement_with_final`,
+`first_decodable_layer`, `accuracy` (raw) and `chance` are secondary.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ def apply_affine(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 class TunedLens(Technique):
     name = "tuned_lens"
+    version = 2  # answer tokens only, chance-corrected
     roles = frozenset({"stream"})
     default_config = {"n_train": 2048, "n_test": 512, "ridge": 1e-3, "decodable": 0.5}
 
@@ -65,7 +77,7 @@ class TunedLens(Technique):
             y = apply_affine(te.cache[name][:, -1].flatten(1).double(), w)  # (M, D)
             if readout:
                 y = adapter.decode(y.to(te.logits.dtype).view(len(y), 1, *shape))[:, 0]  # (M, V)
-            decoded[name] = y.argmax(-1)  # (M,)
-        return score_lens(adapter, names, deepest, decoded, te.logits[:, -1].argmax(-1),
+            decoded[name] = y  # (M, V)
+        return score_lens(adapter, task, names, deepest, decoded, te.logits[:, -1],
                           test.answer, cfg["decodable"],
                           translator_target="final stream" if readout else "final logits")
