@@ -6,33 +6,59 @@ value u to value v of the primary variable at a site is mean(act | latent = v) -
 mean(act | latent = u), computed on train examples at the answer position. For each
 counterfactual pair (base, source) of `task.counterfactuals`, with u = base's value and
 v = source's value, the vector times a scale is added to base's activation at that
-position, and the steer succeeds when the answer at the last position becomes `expected`
-(the answer base would have with value v). Every `stream` and `state` site is tried at
-scales {0.5, 1, 2}; pairs whose expected answer equals the base answer, or whose values
-the train split never shows, are dropped. At scale 1 the vector moves the class mean of u
-exactly onto that of v; much larger scales push activations far outside the range the
-model ever produces, where a big enough push of almost any direction correlated with the
-answer overrides the computation, so they are not tried.
+position, and the steer succeeds when the answer at the last position, decided among the
+task's answer tokens (`answer_prediction`), becomes `expected` (the answer base would have
+with value v). Every `stream` and `state` site is tried at scales {0.5, 1}: at scale 1 the
+vector moves the class mean of u exactly onto that of v; larger scales push activations
+outside the range the model produces, where almost any push changes the answer.
 
-Scoring: success rate per (site, scale); the score is the best cell's, and `per_example`
-holds that cell's 0/1 successes. As in patching, the deepest site is not scored when the
-primary position is the last one: adding the class-mean difference to the readout's own
-input steers any model that solves the task, whatever its internals.
+Pairs used: those whose expected answer differs from the base answer, whose values the
+train split shows, and whose base the model being scored answers correctly. A base the
+model gets wrong has no computation to steer, and counting it let a constant-guess model
+"succeed" whenever `expected` happened to be its guess (~0.5 on a binary task).
+
+What the score measures: how much better the difference-of-means direction steers than an
+uninformed push of the same size. Per pair and (site, scale) the random baseline adds a
+fixed-seed random direction with the norm of that pair's steering vector, at the same site
+and scale; `per_example` is success - random success (-1, 0 or 1) of the best scored
+(site, scale) cell, and the score is its mean (clipped to [0, 1]).
+
+Chance level: the random-direction success of the same cell (metric `chance`; the raw
+steering success is `success`). It is the right chance here, not a majority rate: on the
+used pairs a constant guess never succeeds (its guess is the base answer, which `expected`
+differs from), while on a binary task *any* push that changes the answer "succeeds", so
+raw success credits disruption. The score is success - chance, not divided by
+1 - chance: its ceiling is 1 - chance, so a cell where any push already flips the answer
+cannot score high (it cannot show that the direction matters), and the maximum over cells
+is not inflated by small denominators.
+
+No base answered correctly (a control at or below chance on every base): there is nothing
+to steer, and the score is 0, with `per_example` a 0 for every candidate pair and metric
+`nothing_to_steer` True. n/a would drop such controls from the verdict and inflate the
+effect; 0 is what a model with no steerable computation should score.
+
+What it cannot detect: a variable coded nonlinearly or along different directions per
+example (the mean difference is one direction per value pair); a variable at any position
+but the answer position; variables other than the primary one. As in patching, the deepest
+site is not scored when the primary position is the last one: adding the class-mean
+difference to the readout's own input steers any model that solves the task, whatever its
+internals.
 """
 
 from __future__ import annotations
 
 import torch
 
-from archbench.technique import Result, Technique
+from archbench.technique import Result, Technique, answer_prediction
 
 SITE_ROLES = ("stream", "state")
 
 
 class Steering(Technique):
     name = "steering"
+    version = 2  # correct bases only, minus a random direction, answer tokens, scales 0.5 and 1
     roles = frozenset(SITE_ROLES)
-    default_config = {"n_train": 1024, "n_pairs": 256, "scales": (0.5, 1.0, 2.0)}
+    default_config = {"n_train": 1024, "n_pairs": 256, "scales": (0.5, 1.0)}
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:
@@ -50,46 +76,63 @@ class Steering(Technique):
         u_raw, v_raw = value(cf.base), value(cf.source)  # (n,), (n,)
         u = torch.searchsorted(classes, u_raw).clamp_max(len(classes) - 1)  # (n,)
         v = torch.searchsorted(classes, v_raw).clamp_max(len(classes) - 1)  # (n,)
-        keep = (cf.expected != cf.base_answer) & (classes[u] == u_raw) & (classes[v] == v_raw)
-        if not bool(keep.any()):
+        candidate = (cf.expected != cf.base_answer) & (classes[u] == u_raw) & (classes[v] == v_raw)
+        if not bool(candidate.any()):
             return Result.not_applicable("no counterfactual pair changes the answer")
+        correct = answer_prediction(adapter.run(cf.base).logits[:, -1], task) == cf.base_answer  # (n_pairs,)
+        keep = candidate & correct
+        counts = {"n_pairs_used": int(keep.sum()), "n_pairs_dropped": int((~candidate).sum()),
+                  "n_bases_wrong": int((candidate & ~correct).sum())}
+        if not bool(keep.any()):
+            return Result.from_per_example(
+                [0.0] * int(candidate.sum()),
+                metrics={**counts, "nothing_to_steer": True, "best_site": None, "best_layer": None,
+                         "best_scale": None, "success": None, "chance": None})
         base, expected, u, v = cf.base[keep], cf.expected[keep], u[keep], v[keep]
-        n, T = base.shape
+        n = base.shape[0]
         scales = torch.tensor(cfg["scales"], dtype=torch.float)  # (S,)
         names = adapter.names(list(SITE_ROLES))
         acts = adapter.run(train.tokens, cache=names).cache  # name -> (N, T, *f)
-        counts = torch.bincount(y, minlength=len(classes)).clamp_min(1)[:, None].float()  # (C, 1)
+        counts_y = torch.bincount(y, minlength=len(classes)).clamp_min(1)[:, None].float()  # (C, 1)
+        gen = torch.Generator().manual_seed(seed)
 
-        hits = {}  # name -> (S, n) 0/1
+        hits, rand_hits = {}, {}  # name -> (S, n) 0/1, steered and random direction
         for name in names:
             x = acts[name][:, at].flatten(1).float()  # (N, F)
-            mu = torch.zeros(len(classes), x.shape[1]).index_add_(0, y, x) / counts  # (C, F)
-            delta = (scales[:, None, None] * (mu[v] - mu[u])).flatten(0, 1)  # (S*n, F)
+            mu = torch.zeros(len(classes), x.shape[1]).index_add_(0, y, x) / counts_y  # (C, F)
+            vec = mu[v] - mu[u]  # (n, F) steering vector per pair
+            rand = torch.randn(vec.shape, generator=gen)  # (n, F)
+            rand = rand / rand.norm(dim=1, keepdim=True).clamp_min(1e-12) * vec.norm(dim=1, keepdim=True)
+            both = torch.cat([vec, rand])  # (2n, F): steering vectors, then random ones
+            delta = (scales[:, None, None] * both).flatten(0, 1)  # (S*2n, F)
 
             def add(act, spec, delta=delta):
                 act = act.clone()
-                act[:, at] += delta.view(-1, *act.shape[2:]).to(act)  # (S*n, *f)
+                act[:, at] += delta.view(-1, *act.shape[2:]).to(act)  # (S*2n, *f)
                 return act
 
-            out = adapter.run(base.repeat(len(scales), 1), interventions={name: add})
-            pred = out.logits[:, -1].argmax(-1).view(len(scales), n)  # (S, n)
-            hits[name] = (pred == expected).float()
+            out = adapter.run(base.repeat(2 * len(scales), 1), interventions={name: add})
+            pred = answer_prediction(out.logits[:, -1], task).view(len(scales), 2, n)  # (S, 2, n)
+            hit = (pred == expected).float()  # (S, 2, n)
+            hits[name], rand_hits[name] = hit[:, 0], hit[:, 1]
 
         deepest = max(names, key=lambda nm: adapter.specs[nm].layer or 0)
         details = []
         for name in names:
             spec = adapter.specs[name]
             for s, scale in enumerate(cfg["scales"]):
+                success, chance = float(hits[name][s].mean()), float(rand_hits[name][s].mean())
                 details.append({"site": name, "role": spec.role, "layer": spec.layer, "scale": scale,
-                                "success": float(hits[name][s].mean()),
+                                "success": success, "random_success": chance, "effect": success - chance,
                                 "trivial": name == deepest})
         scored = [d for d in details if not d["trivial"]]
         if not scored:
             return Result.not_applicable(f"{adapter.family} has no intermediate site to steer")
-        best = max(scored, key=lambda d: d["success"])  # first of ties: shallowest, smallest scale
-        trivial = [d["success"] for d in details if d["trivial"]]
+        best = max(scored, key=lambda d: d["effect"])  # first of ties: shallowest, smallest scale
+        s = list(cfg["scales"]).index(best["scale"])
+        trivial = [d["effect"] for d in details if d["trivial"]]
         return Result.from_per_example(
-            hits[best["site"]][list(cfg["scales"]).index(best["scale"])].tolist(), details=details,
+            (hits[best["site"]][s] - rand_hits[best["site"]][s]).tolist(), details=details,
             metrics={"best_site": best["site"], "best_layer": best["layer"], "best_scale": best["scale"],
-                     "n_pairs_used": n, "n_pairs_dropped": int((~keep).sum()),
-                     "deepest_site_success": max(trivial) if trivial else None})
+                     "success": best["success"], "chance": best["random_success"], **counts,
+                     "nothing_to_steer": False, "deepest_site_effect": max(trivial) if trivial else None})
