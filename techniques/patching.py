@@ -5,18 +5,52 @@ Vig et al. 2020, "Investigating gender bias in language models using causal medi
 analysis"; Meng et al. 2022, "Locating and editing factual associations in GPT"): for each
 counterfactual pair (base, source) from `task.counterfactuals`, run the base while one
 `embed`, `stream` or `state` hook point at one position holds the source run's activation,
-and check whether the answer at the last position becomes `expected` (the answer base would
-have with source's value of the primary variable).
+and check whether the answer at the last position, decided among the task's answer tokens
+(`answer_prediction`), becomes `expected` (the answer base would have with source's value
+of the primary variable). Pairs with expected == base answer are dropped (they cannot show
+an effect).
 
-Scoring: the interchange-intervention accuracy IIA(site, position) is the fraction of pairs
-whose patched answer is `expected`. Pairs with expected == base answer are dropped (they
-cannot show an effect). Two kinds of cell are reported but never scored, because they are
-trivially causal on any model that solves the task: the input embedding (patching it
-hands the model the source's input) and the last position of the deepest site (patching it
-hands the readout the source's final state). The score is the best IIA over the remaining
-(site, position) cells, which asks whether the variable is carried by an intermediate
-state; `per_example` holds that cell's 0/1 indicators. Each site costs one batched forward: all positions are
-stacked into one batch with a per-row patch position.
+Positions: every fixed activation position up to the answer's, and `"aligned"`: per pair,
+the last input position the counterfactual changed (`changed_positions`; the last subject
+token when facts rewrites both name tokens, as in ROME). A fixed position p can only reach
+the share of pairs whose source differs at p or whose variable has already moved to p
+(recall: one of four value positions; parity: one of two secret bits); the aligned
+position follows each pair's change, so it is not capped that way.
+
+Scoring: IIA(site, position) is the fraction of pairs whose patched answer is `expected`.
+Three kinds of cell are reported but never scored, because they only hand the model the
+source's input or output:
+- the input embedding (patching it hands the model the source's input);
+- the deepest site at the answer position (it hands the readout the source's final state);
+- any cell whose IIA is no better (within `min_gain`, 0.05) than patching the embedding at
+  the same position (aligned against aligned, fixed against fixed): such a cell does no
+  more than the source's input token does (the layer-0 stream at the changed token).
+The score is the chance-corrected IIA (iia - c) / (1 - c) of the best remaining cell (metrics
+`best_site`, `best_position`: an int or "aligned"), and `per_example` holds that cell's
+(hit_i - c) / (1 - c), so its mean is the score before clipping. If every cell is trivial
+(nothing beyond the input token carries the variable, as on a model that ignores its input)
+the score is 0 with `per_example` all 0 and `best_site` None.
+
+Chance level: c = max(majority rate of `expected` among the scored pairs, unpatched IIA)
+(metric `chance`, with both parts; the raw IIA is `iia`): the better of two patches that
+carry nothing from the source. The majority rate is the IIA of the best constant guess on
+exactly these pairs and, in expectation, an upper bound on any patched answer independent
+of `expected`, so a patch that merely disrupts a binary task's computation (any changed
+answer is `expected` there) scores ~0, not 0.5. The unpatched IIA is the rate at which the
+model already answers `expected` without any patch: on a binary task `expected` is the
+base answer's complement, so a random-init control that gets a third of the bases right
+already "hits" two thirds of the pairs with every inert cell; measured, that put a random
+transformer's best cell at 0.33 over the majority rate alone.
+
+What it cannot detect: a variable spread over several sites or positions (one cell is
+patched at a time), or carried at a position that differs per pair other than the changed
+one; whether a cell carries the variable or only something the variable is computed from
+later (an intermediate input the next layer turns into it scores alike); a perfectly
+solved single-change task makes every aligned cell trivial (patching the changed token's
+embedding is the whole counterfactual), so only cells where the variable has moved (later
+positions) score there. A trained model whose every cell is inert scores below 0 (clipped):
+its unpatched answer is the base answer, which `expected` never is. Each site costs one
+batched forward per chunk of positions: positions are stacked with a per-row patch mask.
 """
 
 from __future__ import annotations
@@ -24,15 +58,17 @@ from __future__ import annotations
 import torch
 
 from archbench.hooks import Patch
-from archbench.technique import Result, Technique
+from archbench.technique import Result, Technique, answer_prediction, chance_corrected, majority_rate
 
 SITE_ROLES = ("embed", "stream", "state")
+ALIGNED = "aligned"
 
 
 class Patching(Technique):
     name = "patching"
+    version = 2  # aligned positions, embedding-equivalent cells trivial, answer tokens, chance-corrected
     roles = frozenset({"stream", "state"})
-    default_config = {"n_pairs": 256, "max_rows": 1024}
+    default_config = {"n_pairs": 256, "max_rows": 1024, "min_gain": 0.05}
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:
@@ -41,42 +77,70 @@ class Patching(Technique):
         if not bool(keep.any()):
             return Result.not_applicable("no counterfactual pair changes the answer")
         base, source, expected = cf.base[keep], cf.source[keep], cf.expected[keep]  # (n, T), (n, T), (n,)
-        n = base.shape[0]
+        changed = cf.changed_positions[keep]  # (n, T_in) bool
+        n, t_in = changed.shape
         T = adapter.answer_position(base.shape[1]) + 1  # activation positions up to the answer's
+        last_changed = torch.where(changed, torch.arange(t_in), -1).max(1).values  # (n,) -1: none
+        labels = [*range(T), ALIGNED]  # one block of rows per label
         names = adapter.names(list(SITE_ROLES))
-        src = adapter.run(source, cache=names).cache  # name -> (n, T, *features)
+        src = adapter.run(source, cache=names).cache  # name -> (n, L, *features)
 
-        # Rows are (position, pair), position-major; chunks of positions keep batches bounded.
-        chunk = max(1, self.config["max_rows"] // n)
-        iia = {}  # name -> (T, n) 0/1 hits
+        chunk = max(1, self.config["max_rows"] // n)  # blocks per forward
+        iia = {}  # name -> (T + 1, n) 0/1 hits, blocks in `labels` order
         for name in names:
+            L = src[name].shape[1]
+            masks = torch.zeros(len(labels), n, L, dtype=torch.bool)  # (T+1, n, L) patch mask per row
+            masks[torch.arange(T), :, torch.arange(T)] = True  # fixed positions
+            has = last_changed >= 0  # (n,)
+            masks[T, has.nonzero()[:, 0], last_changed[has]] = True  # aligned: the last changed input
             hits = []
-            for start in range(0, T, chunk):
-                ps = torch.arange(start, min(T, start + chunk))  # (P,)
-                position = ps.repeat_interleave(n)  # (P*n,) patch position of each row
-                src_rows = src[name].repeat(len(ps), *([1] * (src[name].dim() - 1)))  # (P*n, T, *f)
-                out = adapter.run(base.repeat(len(ps), 1),  # (P*n, T)
-                                  interventions={name: Patch(src_rows, positions=position)})
-                pred = out.logits[:, -1].argmax(-1)  # (P*n,)
-                hits.append((pred == expected.repeat(len(ps))).float().view(len(ps), n))  # (P, n)
-            iia[name] = torch.cat(hits)  # (T, n)
+            for start in range(0, len(labels), chunk):
+                m = masks[start:start + chunk]  # (P, n, L)
+                P = m.shape[0]
+                src_rows = src[name].repeat(P, *([1] * (src[name].dim() - 1)))  # (P*n, L, *f)
+                out = adapter.run(base.repeat(P, 1),  # (P*n, T)
+                                  interventions={name: Patch(src_rows, positions=m.flatten(0, 1))})
+                pred = answer_prediction(out.logits[:, -1], task)  # (P*n,)
+                hits.append((pred == expected.repeat(P)).float().view(P, n))  # (P, n)
+            iia[name] = torch.cat(hits)  # (T + 1, n)
 
+        unpatched = float((answer_prediction(adapter.run(base).logits[:, -1], task) == expected).float().mean())
+        chance = max(majority_rate(expected), unpatched)
         deepest = max(names, key=lambda nm: adapter.specs[nm].layer or 0)
+        embeds = [nm for nm in names if adapter.specs[nm].role == "embed"]
+        floor = iia[embeds[0]].mean(1) if embeds else None  # (T + 1,) embedding IIA per block
+        reaches_answer = [b == T - 1 or (b == T and bool((last_changed == T - 1).any()))
+                          for b in range(len(labels))]
         details = []
         for name in names:
             spec = adapter.specs[name]
-            for p in range(T):
-                trivial = spec.role == "embed" or (name == deepest and p == T - 1)
-                details.append({"site": name, "role": spec.role, "layer": spec.layer, "position": p,
-                                "iia": float(iia[name][p].mean()), "trivial": trivial})
-        scored = [d for d in details if not d["trivial"]]
-        if not scored:
+            for b, label in enumerate(labels):
+                value = float(iia[name][b].mean())
+                why = ("input embedding" if spec.role == "embed"
+                       else "readout input" if name == deepest and reaches_answer[b]
+                       else "no better than the embedding"
+                       if floor is not None and value <= float(floor[b]) + self.config["min_gain"]
+                       else "")
+                details.append({"site": name, "role": spec.role, "layer": spec.layer, "position": label,
+                                "iia": value, "normalised": float(chance_corrected(value, chance)),
+                                "trivial": bool(why), "trivial_reason": why})
+        structural = ("input embedding", "readout input")
+        if all(d["trivial_reason"] in structural for d in details):
             return Result.not_applicable(f"{adapter.family} has no intermediate site to patch")
-        best = max(scored, key=lambda d: d["iia"])  # first of ties: the shallowest, earliest
         streams = [nm for nm in names if adapter.specs[nm].role == "stream"]
-        last_stream = float(iia[streams[-1]][T - 1].mean()) if streams else None
+        metrics = {"chance": chance, "majority_rate": majority_rate(expected), "unpatched_iia": unpatched,
+                   "n_pairs_used": n, "n_pairs_dropped": int((~keep).sum()),
+                   "last_stream_last_position_iia": float(iia[streams[-1]][T - 1].mean()) if streams else None,
+                   "embed_iia_aligned": float(floor[T]) if floor is not None else None,
+                   "n_cells_scored": sum(not d["trivial"] for d in details)}
+        scored = [d for d in details if not d["trivial"]]
+        if not scored:  # nothing beyond the input token carries the variable
+            return Result.from_per_example(
+                [0.0] * n, details=details,
+                metrics={**metrics, "best_site": None, "best_position": None, "best_layer": None, "iia": None})
+        best = max(scored, key=lambda d: d["iia"])  # first of ties: shallowest, earliest, fixed before aligned
+        hits = iia[best["site"]][labels.index(best["position"])]  # (n,)
         return Result.from_per_example(
-            iia[best["site"]][best["position"]].tolist(), details=details,
-            metrics={"best_site": best["site"], "best_position": best["position"],
-                     "best_layer": best["layer"], "n_pairs_used": n,
-                     "n_pairs_dropped": int((~keep).sum()), "last_stream_last_position_iia": last_stream})
+            chance_corrected(hits.numpy(), chance), details=details,
+            metrics={**metrics, "best_site": best["site"], "best_position": best["position"],
+                     "best_layer": best["layer"], "iia": best["iia"]})
