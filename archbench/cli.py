@@ -184,7 +184,10 @@ def cmd_report(args) -> int:
 
     results = _results_dir(args.results, must_exist=True)
     start = time.perf_counter()
-    board = report.write(results, formats=args.format or report.FORMATS)
+    try:
+        board = report.write(results, formats=args.format or report.FORMATS, scoring=args.scoring)
+    except report.MixedScoring as exc:
+        raise UsageError(str(exc)) from None
     written = [p for p in ("LEADERBOARD.md", "leaderboard.tex", "cells.csv", "index.html", "figures")
                if (results / p).exists()]
     print(f"{board} ({', '.join(written)} in {results}; {time.perf_counter() - start:.1f} s)")
@@ -268,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", default="results")
     s.add_argument("--format", type=_formats, default=None,
                    help="comma-separated subset of md,tex,csv,html,png (default: all)")
+    s.add_argument("--scoring", type=_positive, default=None,
+                   help="render only the cells of this scoring version (a store that mixes versions needs it)")
     s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("cite", help="BibTeX for archbench and the techniques and architectures used",

@@ -42,9 +42,24 @@ class ReportData:
     settings: verdict.Settings
 
 
-def load(results_dir: str | Path, settings: verdict.Settings = verdict.Settings()) -> ReportData:
+class MixedScoring(ValueError):
+    """A store holds cells of several scoring versions, which no table may mix."""
+
+
+def load(results_dir: str | Path, settings: verdict.Settings = verdict.Settings(),
+         scoring: int | None = None) -> ReportData:
+    """The store's cells and verdicts; cells of one scoring version only (`scoring`, or the
+    only one present: a store with several raises `MixedScoring`, naming the fix)."""
     with Store(results_dir) as store:
         cells, organisms = store.cells(), store.organisms()
+    versions = sorted(set(cells.scoring)) if len(cells) else []
+    if scoring is not None:
+        cells = cells[cells.scoring == scoring]
+    elif len(versions) > 1:
+        raise MixedScoring(
+            f"{results_dir} holds cells of scoring versions {', '.join(map(str, versions))}, which no table "
+            f"may mix: rerun `archbench run --matrix --results {results_dir}` with the same filters to "
+            f"recompute the old cells, or render one version with `archbench report --scoring {versions[-1]}`")
     if cells.empty:
         return ReportData(cells, organisms, pd.DataFrame(), pd.DataFrame(), settings)
     measured = verdict.effects(cells, settings)
@@ -118,13 +133,13 @@ def cells_frame(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def write(results_dir: str | Path, settings: verdict.Settings = verdict.Settings(),
-          formats=FORMATS) -> Path:
+          formats=FORMATS, scoring: int | None = None) -> Path:
     """Write the requested formats into `results_dir`; return the path of LEADERBOARD.md."""
     root = Path(results_dir)
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown report format(s) {', '.join(sorted(unknown))}; choose from {', '.join(FORMATS)}")
-    d = load(root, settings)
+    d = load(root, settings, scoring)
     board = root / "LEADERBOARD.md"
     if d.cells.empty:
         board.write_text(f"# {TITLE}\n\n_the store holds no cells yet_\n")
@@ -149,9 +164,10 @@ def write(results_dir: str | Path, settings: verdict.Settings = verdict.Settings
     return board
 
 
-def render(results_dir: str | Path, settings: verdict.Settings = verdict.Settings()) -> str:
+def render(results_dir: str | Path, settings: verdict.Settings = verdict.Settings(),
+           scoring: int | None = None) -> str:
     """LEADERBOARD.md's text, without writing anything (figures not linked)."""
-    d = load(results_dir, settings)
+    d = load(results_dir, settings, scoring)
     if d.cells.empty:
         return f"# {TITLE}\n\n_the store holds no cells yet_\n"
     return markdown(build_tables(d), settings)

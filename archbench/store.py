@@ -1,9 +1,11 @@
 """The results store: one SQLite file per results directory, one row per cell.
 
 WAL mode and one transaction per row: a run killed at any moment keeps every cell that
-finished, and the next run resumes by skipping them. A cell's key hashes its RunSpec with
-the archbench version and the versions of the libraries that compute it, so upgrading
-torch or transformers recomputes rather than mixing results. Organisms' training records
+finished, and the next run resumes by skipping them. A cell's key hashes everything that
+computed it (`cell_identity`: the technique's version and resolved config, the task's
+config, the organism, the scoring version, the library versions), so a rerun after any of
+them changes recomputes exactly the affected cells, and the new row replaces the old one:
+the store holds one row per cell. Organisms' training records
 live in their own table. `load_results()` returns a pandas DataFrame.
 """
 
@@ -33,7 +35,8 @@ CREATE TABLE IF NOT EXISTS cells (
     per_example TEXT, metrics TEXT, details TEXT,
     organism_accuracy REAL,
     wall_s REAL, peak_mem_mb REAL,
-    provenance TEXT, created TEXT DEFAULT CURRENT_TIMESTAMP
+    provenance TEXT, created TEXT DEFAULT CURRENT_TIMESTAMP,
+    scoring INTEGER, identity TEXT   -- the scoring version; what computed the cell (JSON)
 );
 CREATE TABLE IF NOT EXISTS organisms (
     organism TEXT PRIMARY KEY,
@@ -120,6 +123,10 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(cells)")}
+        for column, kind in (("scoring", "INTEGER"), ("identity", "TEXT")):  # stores written by 0.1
+            if column not in have:
+                self.db.execute(f"ALTER TABLE cells ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -135,6 +142,8 @@ class Store:
         return {k for (k,) in self.db.execute("SELECT key FROM cells WHERE status != 'error'")}
 
     def put_cell(self, spec: RunSpec, row: dict[str, Any]) -> None:
+        """Write one cell; a row of the same cell computed by another config or version is replaced."""
+        identity = cell_identity(spec)
         values = {
             "key": spec.key(), **asdict(spec), "control": int(spec.control),
             "status": row["status"], "score": row.get("score"), "reason": row.get("reason"),
@@ -143,10 +152,14 @@ class Store:
             "details": json.dumps(row.get("details", []), default=str),
             "organism_accuracy": row.get("organism_accuracy"), "wall_s": row.get("wall_s"),
             "peak_mem_mb": row.get("peak_mem_mb"), "provenance": json.dumps(provenance()),
+            "scoring": identity["scoring"], "identity": json.dumps(identity, sort_keys=True, default=str),
         }
         cols = ", ".join(values)
         marks = ", ".join("?" * len(values))
         with self.db:  # one transaction per cell
+            self.db.execute("DELETE FROM cells WHERE technique = ? AND arch = ? AND task = ? AND seed = ?"
+                            " AND control = ? AND key != ?", (spec.technique, spec.arch, spec.task,
+                                                              spec.seed, int(spec.control), values["key"]))
             self.db.execute(f"INSERT OR REPLACE INTO cells ({cols}) VALUES ({marks})", list(values.values()))
 
     def put_organism(self, meta: dict[str, Any], gate: str | None) -> None:
@@ -163,7 +176,8 @@ class Store:
         import pandas as pd
 
         df = pd.read_sql_query("SELECT * FROM cells ORDER BY technique, task, arch, seed, control", self.db)
-        for col in ("per_example", "metrics", "details", "provenance"):
+        df["scoring"] = df["scoring"].fillna(1).astype(int)  # rows written before scoring versions
+        for col in ("per_example", "metrics", "details", "provenance", "identity"):
             df[col] = df[col].map(lambda s: json.loads(s) if s else None)
         df["control"] = df["control"].astype(bool)
         return df

@@ -264,3 +264,16 @@ def test_html_in_headless_chromium(written, tmp_path):
 def test_empty_store(tmp_path):
     Store(tmp_path).close()
     assert "no cells yet" in report.write(tmp_path).read_text()
+
+
+def test_report_refuses_to_mix_scoring_versions(tmp_path, capsys):
+    from archbench.cli import main
+
+    fill(tmp_path)
+    with Store(tmp_path) as store:
+        store.db.execute("UPDATE cells SET scoring = 1 WHERE technique = 'probe'")  # an older version's cells
+    assert main(["report", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "scoring versions 1, 2" in err and "--scoring 2" in err
+    assert main(["report", "--results", str(tmp_path), "--scoring", "2"]) == 0
+    assert "| probe |" not in (tmp_path / "LEADERBOARD.md").read_text()

@@ -65,7 +65,8 @@ def test_a_changed_technique_config_recomputes_only_that_techniques_cells(tmp_pa
     assert again.skipped == 4 and again.ok == 4
     with Store(tmp_path) as store:
         cells = store.cells()
-    assert set(cells.technique) == {"probe", "cka"} and len(cells) == 12  # old cka rows stay, keyed apart
+    assert len(cells) == 8  # one row per cell: the recomputed cka rows replaced the old ones
+    assert set(cells[cells.technique == "cka"].identity.map(lambda i: i["technique_config"]["n_test"])) == {256}
 
 
 def test_a_bumped_family_training_format_recomputes_only_that_familys_cells(tmp_path, monkeypatch):
