@@ -26,7 +26,7 @@ Hook points:
 
 `reservoir.state` is a `StepHookPoint` (`archbench.stepwise`): an intervention at step t
 acts at step t only and the edited state is what step t+1 integrates, so steps < t are
-unchanged and steps >= t change. DESIGN lists the reservoir state under both `stream` and
+unchanged and steps >= t change. The role table lists the reservoir state under both `stream` and
 `state`; the role vocabulary gives one role per name, and `state` is what probes and
 patching ask for alongside `stream`.
 

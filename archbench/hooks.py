@@ -16,7 +16,7 @@ from typing import Callable, Sequence, Union
 
 import torch
 
-# The closed role vocabulary (DESIGN.md section 3). Names differ by family; roles do not.
+# The closed role vocabulary (docs/architecture.md, "Hook interface"). Names differ by family; roles do not.
 ROLES: dict[str, str] = {
     "embed": "input representation",
     "stream": "main state after block i (the residual stream or its analogue)",

@@ -1,4 +1,4 @@
-"""Guards for the package-dir layout (DESIGN.md section 1).
+"""Guards for the package-dir layout (docs/architecture.md, "Layout").
 
 adapters/ and techniques/ install as archbench.adapters / archbench.techniques. Three traps:
 nested folders dropped from wheels, a second copy imported under the bare names, and

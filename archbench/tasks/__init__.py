@@ -1,4 +1,4 @@
-"""Tasks with known ground truth (DESIGN.md section 4).
+"""Tasks with known ground truth (docs/architecture.md, "Tasks").
 
 `BUILTIN_TASKS` is the lazy table of built-in tasks (`"name": "module:Class"`), loaded by
 the registry on first use; the classes are also importable from here.

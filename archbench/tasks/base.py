@@ -4,7 +4,7 @@ A task yields token sequences whose answer sits at the last position, the named 
 variables the mechanism must compute, a relevance mask over input positions, and
 counterfactual pairs (base, source, the answer expected if the primary variable of source
 were placed into base). Everything is deterministic given a seed, and the train and test
-splits never share an input sequence. See DESIGN.md section 4 and docs/architecture.md.
+splits never share an input sequence. See docs/architecture.md, "Tasks".
 """
 
 from __future__ import annotations
