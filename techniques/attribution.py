@@ -29,22 +29,25 @@ relevant positions are in `metrics`, for each map.
 
 Positions whose token never varies in the sample (the `=` of modadd, the query of count and
 parity) are left out of the score: they carry no information about the answer, and their
-attribution reflects only the baseline (zeroing the last position's input is a large
-perturbation on any model, so on a random-init control it dominates every map). A position
+attribution reflects only the baseline (zeroing a constant query token at the last
+position is a large perturbation, which can dominate a random-init control's map). A position
 that varies is scored whatever its place: recall's query varies and is relevant, facts'
 relation too. A task with no varying irrelevant position (modadd: only a and b vary, both
 relevant) is not applicable.
 
 What it cannot detect. Only *which positions* matter, not how they are combined or whether
 the model computes the task's intermediate variables; a relevant position can rank high for
-a reason unrelated to the mechanism. The last position feeds the readout directly, so its
-attribution is large on any model: where it is relevant (recall's query, facts' relation) a
-random-init control already scores above 0, and only the trained − control effect says
-anything. Zero-baseline maps miss features whose zero is not "absent" (a position whose
-zeroed embedding is as informative as the real one gets no attribution), and |sum over
-features| cancels opposite-signed features within a position. Feature ablation ablates one
-position at a time and misses redundancy (two positions that each suffice both look
-unimportant).
+a reason unrelated to the mechanism, so a random-init control can score well above 0 and
+only the trained - control effect says anything: where relevance follows token identity
+(count: the `a` tokens) any map that depends on the token's embedding separates the
+classes (raw AUROC 0.64 on the random-init transformer, count seed 0); the last position
+feeds the readout directly, so where it is relevant (recall's query, facts' relation) a
+control could favour it too (on recall seed 0 it did not: the random-init transformer's
+and MoE's raw AUROC were 0.46). Zero-baseline maps miss features whose zero is not
+"absent" (a position whose zeroed embedding is as informative as the real one gets no
+attribution), and |sum over features| cancels opposite-signed features within a position.
+Feature ablation ablates one position at a time and misses redundancy (two positions that
+each suffice both look unimportant).
 """
 
 from __future__ import annotations
