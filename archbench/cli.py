@@ -4,6 +4,7 @@ Examples:
   archbench list adapters
   archbench inspect transformer --task recall
   archbench run --matrix --quick --results results/
+  archbench run --matrix --profile full --results results/     (quick|default|full: 3, 5, 10 seeds)
   archbench run --matrix --arch transformer --technique probe --task modadd,count --seeds 3
   archbench report --results results/
   archbench cite --results results/ > references.bib
@@ -148,7 +149,10 @@ def cmd_run(args) -> int:
     archs = _matrix_archs(args.arch)
     techniques = _names("techniques", args.technique)
     tasks = _names("tasks", args.task)
-    n_seeds = args.seeds or (runner.QUICK_SEEDS if args.quick else runner.DEFAULT_SEEDS)
+    if args.quick and args.profile not in (None, "quick"):
+        raise UsageError(f"--quick is --profile quick; it contradicts --profile {args.profile}")
+    profile = "quick" if args.quick else args.profile or "default"
+    n_seeds = args.seeds or runner.PROFILES[profile]
     results = _results_dir(args.results)
     specs = runner.expand(archs, techniques, tasks, range(n_seeds))
     summary = runner.run_matrix(specs, results, workers=args.workers, gate=args.gate,
@@ -249,8 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arch", help="comma-separated adapters (default: all)")
     s.add_argument("--technique", help="comma-separated techniques (default: all)")
     s.add_argument("--task", help="comma-separated tasks (default: all)")
-    s.add_argument("--seeds", type=_positive, help=f"number of seeds (default 5; 2 with --quick)")
-    s.add_argument("--quick", action="store_true", help="fewer seeds: a smoke-test matrix in minutes")
+    s.add_argument("--profile", choices=["quick", "default", "full"],
+                   help="how many seeds: quick 3 (a smoke-test matrix), default 5, full 10")
+    s.add_argument("--seeds", type=_positive, help="number of seeds (overrides --profile)")
+    s.add_argument("--quick", action="store_true", help="the same as --profile quick")
     s.add_argument("--workers", type=_positive, help="worker processes (default: number of cores); with "
                    "--executor ray: CPUs of the local Ray instance, or tasks in flight on a cluster")
     s.add_argument("--executor", choices=["local", "ray"], default="local",

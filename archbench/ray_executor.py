@@ -1,8 +1,11 @@
 """The Ray executor: every organism-training call and every cell runs as one Ray task.
 
-Same contract as `runner.LocalExecutor`: `map(fn, calls, on_done)` runs `fn(*args)` for each
-call and hands each result to `on_done(args, result)` in the driver as soon as it finishes,
-so the driver alone writes the store (one transaction per cell) and resume works unchanged.
+Same interface as `runner.LocalExecutor`: `capacity` (tasks to keep in flight),
+`submit(tag, fn, args)` starts `fn(*args)` as a Ray task, `next_done(timeout)` returns the
+next finished (tag, result) to the driver, `cancel()` stops what is in flight. The driver
+keeps the queue (longest job first, cells behind their organism) and alone writes the
+store (one transaction per cell), so resume works unchanged; `map(fn, calls, on_done)` runs
+a plain list of calls.
 
     archbench run --matrix --executor ray                       # a local Ray on this machine
     archbench run --matrix --executor ray --address auto        # a running cluster
@@ -19,6 +22,8 @@ to as many threads as its CPUs (one by default: on a few cores, one thread per p
 the fastest layout for tiny models). archbench's models run on CPU; `num_gpus` only reserves
 devices for plugins that use them. Ray retries a task whose worker died (its calls are
 idempotent: organisms are renamed into place atomically, cells are written by the driver).
+The driver keeps `capacity` tasks in flight (by default as many as the instance's CPUs hold
+tasks of `num_cpus`), so its priorities, not Ray's queue, decide what runs next.
 
 Ray is imported only when this executor is built; without it, `archbench run --executor ray`
 says to `pip install "archbench[ray]"` and exits with status 2.
@@ -26,7 +31,6 @@ says to `pip install "archbench[ray]"` and exits with status 2.
 
 from __future__ import annotations
 
-import itertools
 import os
 from typing import Any, Callable
 
@@ -74,6 +78,8 @@ class RayExecutor:
         self.address = address
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.started = False  # True if this executor started the Ray instance it uses
+        self._in_flight: dict[Any, Any] = {}  # ObjectRef -> tag
+        self._tasks: dict[tuple[str, str], Any] = {}  # (function name, cache path) -> remote task
 
     @property
     def cluster(self) -> bool:
@@ -95,28 +101,48 @@ class RayExecutor:
             self._ray.shutdown()
             self.started = False
 
-    def map(self, fn: Callable, calls: list[tuple], on_done: Callable[[tuple, Any], None]) -> None:
-        if not calls:
-            return
-        ray = self._ray
+    @property
+    def capacity(self) -> int:
+        """Tasks to keep in flight: `workers` on a cluster if given, else what the Ray
+        instance's CPUs (and GPUs, if tasks reserve them) hold at once."""
+        self._connect()
+        if self.cluster and self.workers:
+            return self.workers
+        resources = self._ray.cluster_resources()
+        slots = int(resources.get("CPU", 1) // self.num_cpus)
+        if self.num_gpus:
+            slots = min(slots, int(resources.get("GPU", 0) // self.num_gpus))
+        return max(1, slots)
+
+    def submit(self, tag: Any, fn: Callable, args: tuple) -> None:
         self._connect()
         cache = str(zoo.cache_root().expanduser().resolve())
-        task = ray.remote(_call).options(
-            num_cpus=self.num_cpus, num_gpus=self.num_gpus, name=getattr(fn, "__name__", "archbench"),
-            runtime_env={"env_vars": {"ARCHBENCH_CACHE": cache}})
-        threads = max(1, int(self.num_cpus))
-        limit = self.workers if self.cluster and self.workers else len(calls)
-        todo = iter(calls)
-        in_flight: dict[Any, tuple] = {}  # ObjectRef -> its call
-        try:
-            for args in itertools.islice(todo, limit):
-                in_flight[task.remote(fn, args, threads)] = args
-            while in_flight:
-                (ready,), _ = ray.wait(list(in_flight), num_returns=1)
-                args = in_flight.pop(ready)
-                on_done(args, ray.get(ready))
-                for args in itertools.islice(todo, 1):
-                    in_flight[task.remote(fn, args, threads)] = args
-        finally:
-            for ref in in_flight:  # after an error or Ctrl-C: stop the rest; the store keeps what finished
-                ray.cancel(ref)
+        name = getattr(fn, "__name__", "archbench")
+        task = self._tasks.get((name, cache))
+        if task is None:
+            task = self._tasks[(name, cache)] = self._ray.remote(_call).options(
+                num_cpus=self.num_cpus, num_gpus=self.num_gpus, name=name,
+                runtime_env={"env_vars": {"ARCHBENCH_CACHE": cache}})
+        self._in_flight[task.remote(fn, args, max(1, int(self.num_cpus)))] = tag
+
+    def next_done(self, timeout: float | None = None) -> tuple[Any, Any] | None:
+        """The next finished task as (tag, result); None if none finished within `timeout` s."""
+        if not self._in_flight:
+            raise RuntimeError("next_done() with no task in flight")
+        ready, _ = self._ray.wait(list(self._in_flight), num_returns=1, timeout=timeout)
+        if not ready:
+            return None
+        tag = self._in_flight.pop(ready[0])
+        return tag, self._ray.get(ready[0])
+
+    def cancel(self) -> None:
+        """After an error or Ctrl-C: stop what is in flight; the store keeps what finished."""
+        for ref in self._in_flight:
+            self._ray.cancel(ref)
+        self._in_flight.clear()
+
+    def map(self, fn: Callable, calls: list[tuple], on_done: Callable[[tuple, Any], None]) -> None:
+        from archbench.runner import map_calls
+
+        if calls:
+            map_calls(self, fn, calls, on_done)

@@ -53,3 +53,27 @@ def test_checkpoint_wrappers_stay_out_of_the_matrix(tmp_path, capsys, monkeypatc
     assert "rwkv_pth" in err and "\n" not in err
     default = cli._matrix_archs(None)
     assert "rwkv_pth" not in default and {"transformer", "mamba2", "nvar", "kan"} <= set(default)
+
+
+@pytest.mark.parametrize("flags, seeds", [([], 5), (["--quick"], 3), (["--profile", "quick"], 3),
+                                          (["--profile", "full"], 10), (["--profile", "full", "--seeds", "2"], 2),
+                                          (["--quick", "--profile", "quick"], 3)])
+def test_profiles_set_the_seeds(flags, seeds, tmp_path, monkeypatch):
+    from archbench import report, runner
+
+    seen = {}
+
+    def fake_run(specs, results, **kw):
+        seen["seeds"] = sorted({s.seed for s in specs})
+        return runner.RunSummary(total=len(specs), skipped=len(specs))
+
+    monkeypatch.setattr(runner, "run_matrix", fake_run)
+    monkeypatch.setattr(report, "write", lambda results: results / "LEADERBOARD.md")
+    assert main(["run", "--matrix", "--arch", "transformer", "--technique", "probe", "--task", "modadd",
+                 *flags, "--results", str(tmp_path)]) == 0
+    assert seen["seeds"] == list(range(seeds))
+
+
+def test_quick_contradicting_a_profile_is_a_usage_error(tmp_path, capsys):
+    assert main(["run", "--matrix", "--quick", "--profile", "full", "--results", str(tmp_path)]) == 2
+    assert "--quick" in capsys.readouterr().err

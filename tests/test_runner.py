@@ -7,6 +7,7 @@ exercise the runner's bookkeeping in seconds; training itself is tested in the s
 import os
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -169,3 +170,128 @@ def test_stopping_a_run_stops_its_workers(tmp_path, isolated_cache, how):
     while time.time() < deadline and _processes_with_env(marker):
         time.sleep(0.2)
     assert _processes_with_env(marker) == []
+
+
+# --- the scheduler: one queue, longest first, cells behind their organism -----------------
+
+class SimulatedExecutor:
+    """An executor on a simulated clock: each job takes `seconds(fn, args)`; organism jobs
+    plant the organism (accuracy from `accuracy`), cell jobs return a synthetic ok row."""
+
+    def __init__(self, capacity, seconds, accuracy=None):
+        self.capacity, self.seconds, self.accuracy = capacity, seconds, accuracy or {}
+        self.clock, self.running, self.log = 0.0, {}, []  # log: (event, time, what)
+
+    def submit(self, tag, fn, args):
+        what = args[:3] if fn is runner.train_organism else args[0]
+        self.running[tag] = (self.clock + self.seconds(fn, args), fn, args, what)
+        self.log.append(("start", self.clock, what))
+
+    def next_done(self, timeout=None):
+        tag = min(self.running, key=lambda t: self.running[t][0])
+        end, fn, args, what = self.running.pop(tag)
+        self.clock = end
+        self.log.append(("end", end, what))
+        if fn is runner.train_organism:
+            meta = zoo.plant(*args[:3], accuracy=self.accuracy.get(args[:3], 1.0))
+            return tag, {"ok": True, "meta": meta, "gate": zoo.gate_reason(meta, args[3]), "wall_s": 1.0}
+        return tag, {"status": "ok", "score": 0.5, "per_example": [0.5], "organism_accuracy": 1.0, "wall_s": 0.1}
+
+    def cancel(self):
+        self.running.clear()
+
+
+def _record_training_times(results, seconds):
+    with Store(results) as store:
+        for (arch, task), s in seconds.items():
+            store.put_organism({"organism": f"old/{arch}/{task}", "arch": arch, "task": task, "seed": 9,
+                                "accuracy": 1.0, "seconds": s}, None)
+
+
+def test_cost_model_prefers_recorded_times_and_scales_priors(tmp_path):
+    _record_training_times(tmp_path, {("transformer", "modadd"): 7.0, ("transformer", "count"): 6.6})
+    with Store(tmp_path) as store:
+        store.put_cell(RunSpec("probe", "transformer", "modadd", 0), {"status": "ok", "wall_s": 2.5})
+        costs = runner.CostModel(store)
+    assert costs.organism("transformer", "modadd") == 7.0 and costs.cell("probe", "transformer", "modadd") == 2.5
+    # this machine took twice the priors' time on the recorded organisms: unrecorded ones are scaled alike
+    speed = statistics.median([7.0 / 3.5, 6.6 / 3.3])
+    assert costs.organism("mamba", "recall") == pytest.approx(runner.ORGANISM_SECONDS[("mamba", "recall")] * speed)
+    assert runner.CostModel().organism("mamba", "recall") > runner.CostModel().organism("kan", "count")
+
+
+def test_jobs_run_longest_first_and_cells_start_while_organisms_train(tmp_path):
+    times = {("transformer", "modadd"): 30.0, ("transformer", "count"): 10.0, ("transformer", "facts"): 3.0}
+    _record_training_times(tmp_path, times)
+    fake = SimulatedExecutor(2, lambda fn, args: times[args[:2]] if fn is runner.train_organism else 0.5,
+                             accuracy={("transformer", "facts", 0): 0.5})
+    specs = runner.expand(["transformer"], ["probe", "cka"], ["facts", "count", "modadd"], [0])
+    summary = runner.run_matrix(specs, tmp_path, executor=fake, progress=False)
+    assert (summary.ok, summary.na, summary.organisms_trained) == (8, 4, 3)
+    organisms = [s for s in summary.started if s.startswith("organism")]
+    assert organisms == ["organism transformer/modadd/seed0", "organism transformer/count/seed0",
+                         "organism transformer/facts/seed0"]  # longest first
+    starts = {str(what): t for event, t, what in fake.log if event == "start"}
+    last_landing = max(t for event, t, what in fake.log if event == "end" and isinstance(what, tuple))
+    count_cells = [t for what, t in starts.items() if "count" in what and "Spec" in what]
+    assert count_cells and min(count_cells) < last_landing  # count's cells ran while modadd trained
+    # facts failed the gate: its cells were recorded n/a by the driver, never submitted
+    assert not any("facts" in s for s in summary.started if not s.startswith("organism"))
+    with Store(tmp_path) as store:
+        cells = store.cells()
+    facts = cells[cells.task == "facts"]
+    assert len(facts) == 4 and (facts.status == "n/a").all() and facts.reason.str.startswith("gate failed").all()
+    assert len(fake.log) == 2 * (3 + 8)  # each organism trained once, each passing cell run once
+
+
+def test_cells_of_an_organism_that_failed_to_train_are_errors_without_retraining(tmp_path):
+    class Failing(SimulatedExecutor):
+        def next_done(self, timeout=None):
+            tag = min(self.running, key=lambda t: self.running[t][0])
+            if self.running[tag][1] is runner.train_organism:
+                self.running.pop(tag)
+                return tag, {"ok": False, "error": "Traceback ...\nRuntimeError: diverged", "wall_s": 1.0}
+            return super().next_done(timeout)
+
+    fake = Failing(2, lambda fn, args: 1.0)
+    summary = runner.run_matrix(runner.expand(["transformer"], ["probe"], ["modadd"], [0]), tmp_path,
+                                executor=fake, progress=False)
+    assert summary.error == 2 and summary.started == ["organism transformer/modadd/seed0"]
+    assert any("diverged" in e for e in summary.errors)
+
+
+def test_progress_counts_organisms_and_cells_and_estimates_time():
+    job_o = runner.Job("organism", ("transformer", "modadd", 0), 10.0)
+    job_c = runner.Job("cell", ("transformer", "modadd", 0), 2.0, RunSpec("probe", "transformer", "modadd", 0))
+    p = runner.Progress(False, organisms=1, cells=2, capacity=2, work=14.0)
+    assert p.eta() == pytest.approx(7.0)  # 14 s of work on 2 workers
+    p.started(0, job_o)
+    p.finished(0, job_o, 20.0)  # twice as slow as estimated: the rest is rescaled
+    assert (p.organisms_done, p.cells_done) == (1, 0) and p.eta() == pytest.approx(4.0)
+    p.recorded("ok", without_worker=job_c)
+    counts, times, fraction = p.line()
+    assert counts.startswith("organisms 1/1, cells 1/2") and "ETA" in times and 0 < fraction < 1
+    p.close()
+
+
+class Warns(Technique):
+    name = "warns"
+    roles = frozenset({"stream"})
+
+    def run(self, adapter, task, seed):
+        import warnings
+        warnings.warn("a noisy library")
+        raise RuntimeError("done warning")
+
+
+def test_progress_line_and_warnings_above_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(registry, "_extra", {k: {} for k in registry.BUILTINS})
+    registry.register("techniques", "warns", Warns)
+    zoo.plant("transformer", "modadd", 0)
+    specs = runner.expand(["transformer"], ["warns"], ["modadd"], [0])
+    runner.run_matrix(specs, tmp_path, workers=1, progress=True)
+    err = capsys.readouterr().err
+    assert "organisms 0/0, cells 2/2 (2 errors)" in err and "elapsed" in err and "ETA" in err
+    assert err.count("warning: UserWarning: a noisy library") == 1  # once per run, on its own line
+    runner.run_matrix(specs, tmp_path / "quiet", workers=1, progress=False)
+    assert "organisms" not in capsys.readouterr().err
