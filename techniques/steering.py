@@ -21,7 +21,8 @@ What the score measures: how much better the difference-of-means direction steer
 uninformed push of the same size. Per pair and (site, scale) the random baseline adds a
 fixed-seed random direction with the norm of that pair's steering vector, at the same site
 and scale; `per_example` is success - random success (-1, 0 or 1) of the best scored
-(site, scale) cell, and the score is its mean (clipped to [0, 1]).
+(site, scale) cell, and the score is its mean (clipped to [0, 1]). Each `details` row
+holds `success`, `random_success` and their difference `normalised`.
 
 Chance level: the random-direction success of the same cell (metric `chance`; the raw
 steering success is `success`). It is the right chance here, not a majority rate: on the
@@ -79,6 +80,10 @@ class Steering(Technique):
         candidate = (cf.expected != cf.base_answer) & (classes[u] == u_raw) & (classes[v] == v_raw)
         if not bool(candidate.any()):
             return Result.not_applicable("no counterfactual pair changes the answer")
+        names = adapter.names(list(SITE_ROLES))
+        deepest = max(names, key=lambda nm: adapter.specs[nm].layer or 0)
+        if names == [deepest]:
+            return Result.not_applicable(f"{adapter.family} has no intermediate site to steer")
         correct = answer_prediction(adapter.run(cf.base).logits[:, -1], task) == cf.base_answer  # (n_pairs,)
         keep = candidate & correct
         counts = {"n_pairs_used": int(keep.sum()), "n_pairs_dropped": int((~candidate).sum()),
@@ -91,7 +96,6 @@ class Steering(Technique):
         base, expected, u, v = cf.base[keep], cf.expected[keep], u[keep], v[keep]
         n = base.shape[0]
         scales = torch.tensor(cfg["scales"], dtype=torch.float)  # (S,)
-        names = adapter.names(list(SITE_ROLES))
         acts = adapter.run(train.tokens, cache=names).cache  # name -> (N, T, *f)
         counts_y = torch.bincount(y, minlength=len(classes)).clamp_min(1)[:, None].float()  # (C, 1)
         gen = torch.Generator().manual_seed(seed)
@@ -116,21 +120,18 @@ class Steering(Technique):
             hit = (pred == expected).float()  # (S, 2, n)
             hits[name], rand_hits[name] = hit[:, 0], hit[:, 1]
 
-        deepest = max(names, key=lambda nm: adapter.specs[nm].layer or 0)
         details = []
         for name in names:
             spec = adapter.specs[name]
             for s, scale in enumerate(cfg["scales"]):
                 success, chance = float(hits[name][s].mean()), float(rand_hits[name][s].mean())
                 details.append({"site": name, "role": spec.role, "layer": spec.layer, "scale": scale,
-                                "success": success, "random_success": chance, "effect": success - chance,
+                                "success": success, "random_success": chance, "normalised": success - chance,
                                 "trivial": name == deepest})
         scored = [d for d in details if not d["trivial"]]
-        if not scored:
-            return Result.not_applicable(f"{adapter.family} has no intermediate site to steer")
-        best = max(scored, key=lambda d: d["effect"])  # first of ties: shallowest, smallest scale
+        best = max(scored, key=lambda d: d["normalised"])  # first of ties: shallowest, smallest scale
         s = list(cfg["scales"]).index(best["scale"])
-        trivial = [d["effect"] for d in details if d["trivial"]]
+        trivial = [d["normalised"] for d in details if d["trivial"]]
         return Result.from_per_example(
             (hits[best["site"]][s] - rand_hits[best["site"]][s]).tolist(), details=details,
             metrics={"best_site": best["site"], "best_layer": best["layer"], "best_scale": best["scale"],
