@@ -81,6 +81,7 @@ class Patching(Technique):
         n, t_in = changed.shape
         T = adapter.answer_position(base.shape[1]) + 1  # activation positions up to the answer's
         last_changed = torch.where(changed, torch.arange(t_in), -1).max(1).values  # (n,) -1: none
+        has = (last_changed >= 0).nonzero()[:, 0]  # (n',) pairs with a changed input
         labels = [*range(T), ALIGNED]  # one block of rows per label
         names = adapter.names(list(SITE_ROLES))
         src = adapter.run(source, cache=names).cache  # name -> (n, L, *features)
@@ -91,8 +92,7 @@ class Patching(Technique):
             L = src[name].shape[1]
             masks = torch.zeros(len(labels), n, L, dtype=torch.bool)  # (T+1, n, L) patch mask per row
             masks[torch.arange(T), :, torch.arange(T)] = True  # fixed positions
-            has = last_changed >= 0  # (n,)
-            masks[T, has.nonzero()[:, 0], last_changed[has]] = True  # aligned: the last changed input
+            masks[T, has, last_changed[has]] = True  # aligned: the last changed input
             hits = []
             for start in range(0, len(labels), chunk):
                 m = masks[start:start + chunk]  # (P, n, L)
