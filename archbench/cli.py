@@ -159,7 +159,10 @@ def cmd_run(args) -> int:
                                 executor=_executor(args), progress=not args.no_progress)
     board = results / "LEADERBOARD.md"
     if summary.skipped < summary.total or not board.exists():  # nothing new: the report stands
-        board = report.write(results)
+        from archbench.technique import SCORING_VERSION
+
+        # the cells this code computes; a store with older-version rows keeps them, unrendered
+        board = report.write(results, scoring=SCORING_VERSION)
     print(f"{summary.total} cells: {summary.skipped} already done, {summary.ok} ok, {summary.na} n/a, "
           f"{summary.error} errors in {summary.seconds:.1f} s; leaderboard: {board}")
     for line in summary.errors or []:
