@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,9 @@ class TrainReport:
     seconds: float
     train_accuracy: float
     history: list[dict] = field(default_factory=list)
+    # why training ended: "target" (validation accuracy reached cfg["target"]), "plateau"
+    # (no rise of cfg["plateau_delta"] within cfg["plateau_steps"]) or "step cap" (cfg["steps"])
+    stopped: str = "step cap"
 
 
 class Adapter(abc.ABC):
@@ -78,9 +82,14 @@ class Adapter(abc.ABC):
     capabilities: ClassVar[frozenset[str]] = frozenset()
     default_config: ClassVar[dict[str, Any]] = {}
     # Training knobs; `task_train_config[task_name]` overrides per task.
+    # The learning rate warms up linearly over `warmup` steps, then decays by a cosine to
+    # `min_lr_ratio * lr` at `steps`. Training stops early when validation accuracy reaches
+    # `target`, or when it has not risen by `plateau_delta` over `plateau_steps` steps
+    # (None: never).
     train_config: ClassVar[dict[str, Any]] = {
         "steps": 2000, "batch": 128, "lr": 1e-3, "weight_decay": 0.1, "n_train": 8192,
-        "eval_every": 100, "target": 0.99, "warmup": 100,
+        "eval_every": 100, "target": 0.99, "warmup": 100, "min_lr_ratio": 0.1,
+        "plateau_steps": 500, "plateau_delta": 0.02,
     }
     task_train_config: ClassVar[dict[str, dict[str, Any]]] = {}
     # Bumped when this family's training changes meaning without a config change (part of
@@ -232,18 +241,23 @@ class Adapter(abc.ABC):
     def fit(self, task, seed: int, **overrides: Any) -> TrainReport:
         """Train on the task's train split (answer at the last position) with AdamW.
 
-        Early stopping reads the task's validation split (sequences training never sees, so
-        a memorising model does not stop early); the reported accuracy is on the test split.
+        The learning rate follows `lr_factor` (warm-up, then cosine decay). Early stopping
+        reads the task's validation split (sequences training never sees, so a memorising
+        model does not stop early) every `eval_every` steps: at `target` accuracy, or on a
+        plateau (no rise of `plateau_delta` over the best accuracy counted so far within
+        `plateau_steps`). The reported accuracy is on the test split; `stopped` says why
+        training ended.
         """
-        cfg = {**self.train_config, **self.task_train_config.get(task.name, {}), **overrides}
+        cfg = {**Adapter.train_config, **self.train_config, **self.task_train_config.get(task.name, {}),
+               **overrides}
         gen = torch.Generator().manual_seed(seed)
         train = task.sample(cfg["n_train"], seed, "train")
         val = task.sample(512, seed, "val")
         test = task.sample(1024, seed, "test")
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        warmup = max(1, cfg["warmup"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-        start, history, step = time.perf_counter(), [], 0
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: self.lr_factor(s, cfg))
+        start, history, step, stopped = time.perf_counter(), [], 0, "step cap"
+        best, best_step = None, 0  # the accuracy the plateau rule measures rises against
         self.model.train()
         for step in range(1, cfg["steps"] + 1):
             idx = torch.randint(len(train), (cfg["batch"],), generator=gen)  # (batch,)
@@ -254,15 +268,36 @@ class Adapter(abc.ABC):
             sched.step()
             if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
                 acc = self.accuracy(val)
-                history.append({"step": step, "loss": loss.item(), "val_accuracy": acc})
+                history.append({"step": step, "loss": loss.item(), "val_accuracy": acc,
+                                "lr": opt.param_groups[0]["lr"]})
                 self.model.train()
                 if acc >= cfg["target"]:
+                    stopped = "target"
+                    break
+                if best is None or acc >= best + cfg["plateau_delta"]:
+                    best, best_step = acc, step
+                elif cfg["plateau_steps"] and step - best_step >= cfg["plateau_steps"] and step < cfg["steps"]:
+                    stopped = "plateau"
                     break
         self.model.eval()
         return TrainReport(accuracy=self.accuracy(test), steps=step,
                            seconds=time.perf_counter() - start,
                            train_accuracy=self.accuracy(task.sample(1024, seed, "train")),
-                           history=history)
+                           history=history, stopped=stopped)
+
+    @staticmethod
+    def lr_factor(step: int, cfg: Mapping[str, Any]) -> float:
+        """The learning rate at optimiser step `step` (0-based) as a fraction of cfg["lr"].
+
+        Linear warm-up to 1 over cfg["warmup"] steps, then a cosine from 1 down to
+        cfg["min_lr_ratio"] at step cfg["steps"] (and that floor after it).
+        """
+        warmup, steps = max(1, cfg["warmup"]), cfg["steps"]
+        if step < warmup:
+            return (step + 1) / warmup
+        floor = cfg["min_lr_ratio"]
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def loss(self, tokens: torch.Tensor, answer: torch.Tensor, cfg: dict[str, Any],
              gen: torch.Generator) -> torch.Tensor:

@@ -35,9 +35,10 @@ def cache_root() -> Path:
 
 
 # Bumped whenever training changes meaning without a config change (e.g. the validation
-# split used for early stopping), so cached organisms from older code are not reused;
-# `Adapter.training_format` does the same for one family.
-TRAINING_FORMAT = 2
+# split used for early stopping; 3: cosine learning-rate decay and plateau stopping), so
+# cached organisms from older code are not reused; `Adapter.training_format` does the same
+# for one family.
+TRAINING_FORMAT = 3
 
 
 def organism_id(arch: str, task, seed: int) -> str:
@@ -124,6 +125,6 @@ def list_organisms() -> list[dict[str, Any]]:
     rows = []
     for path in sorted(root.glob("*/*/*/adapter.json")):
         meta = json.loads(path.read_text())["meta"]
-        rows.append({k: meta.get(k) for k in ("arch", "task", "seed", "accuracy", "steps", "seconds")}
+        rows.append({k: meta.get(k) for k in ("arch", "task", "seed", "accuracy", "steps", "seconds", "stopped")}
                     | {"path": str(path.parent)})
     return rows

@@ -260,7 +260,7 @@ def make_passes(adapter, task, batch, seed):
     def grad():
         out = adapter.run(ex.tokens, cache=states, grad=True)
         logp = out.logits[:, -1].log_softmax(-1).gather(1, ex.answer[:, None]).sum()
-        return torch.autograd.grad(logp, [out.cache[n] for n in states])
+        return torch.autograd.grad(logp, [out.cache[n] for n in states], allow_unused=True)
 
     source = adapter.run(src, cache=[site]).cache[site]
 
@@ -284,7 +284,9 @@ def check_equal(adapter, ex, states):
             pgrads = [p.grad.clone() for p in adapter.model.parameters() if p.grad is not None]
             adapter.model.zero_grad(set_to_none=True)
             out = adapter.run(ex.tokens, cache=states, grad=True)
-            sgrads = torch.autograd.grad(out.logits[:, -1].logsumexp(-1).sum(), [out.cache[n] for n in states])
+            cached = [out.cache[n] for n in states]
+            sgrads = torch.autograd.grad(out.logits[:, -1].logsumexp(-1).sum(), cached, allow_unused=True)
+            sgrads = [torch.zeros_like(c) if g is None else g for g, c in zip(sgrads, cached)]
             results.append((out.logits.detach(), pgrads, sgrads))
     (l0, p0, s0), (l1, p1, s1) = results
     diff = max([(l0 - l1).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(p0 + list(s0), p1 + list(s1))])
