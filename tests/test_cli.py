@@ -68,7 +68,7 @@ def test_profiles_set_the_seeds(flags, seeds, tmp_path, monkeypatch):
         return runner.RunSummary(total=len(specs), skipped=len(specs))
 
     monkeypatch.setattr(runner, "run_matrix", fake_run)
-    monkeypatch.setattr(report, "write", lambda results: results / "LEADERBOARD.md")
+    monkeypatch.setattr(report, "write", lambda results, **kw: results / "LEADERBOARD.md")
     assert main(["run", "--matrix", "--arch", "transformer", "--technique", "probe", "--task", "modadd",
                  *flags, "--results", str(tmp_path)]) == 0
     assert seen["seeds"] == list(range(seeds))
