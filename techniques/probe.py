@@ -80,37 +80,47 @@ class Projection:
 
     Fitted on train rows: per-feature mean and std (float64; constant features stay 0). A
     site wider than `width` is projected onto the principal components of at most `width`
-    train rows (a seeded subsample when there are more), computed exactly from their
-    (rows x rows) Gram. When all train rows fit (`exact`), the basis spans the train rows,
+    train rows (a seeded subsample when there are more; `fit_rows`, default `width`), the
+    top `width` of them, computed exactly from their (rows x rows) Gram. When all train rows
+    fit and no component is dropped (`exact`), the basis spans the train rows,
     and a ridge fit in it equals the full-width ridge fit on every input (its weights lie in
     that span); with more rows it is the top-`width` PCA of the subsample. Apply with
     `__call__` to rows of the same site: (N, F) -> (N, out_width) float64.
     """
 
-    def __init__(self, x: torch.Tensor, width: int | None, seed: int, standardise: bool = True):
+    def __init__(self, x: torch.Tensor, width: int | None, seed: int, standardise: bool = True,
+                 fit_rows: int | None = None):
         x = x.double()
         self.mean = x.mean(0)  # (F,)
         std = x.std(0) if standardise and len(x) > 1 else torch.ones_like(self.mean)
         self.std = torch.where(std > 1e-6, std, torch.ones_like(std))  # (F,)
-        self.in_width, self.basis, self.fit_rows = x.shape[1], None, len(x)
+        self.in_width, self.basis, self.fit_rows, dropped = x.shape[1], None, len(x), False
         z = ((x - self.mean) / self.std).nan_to_num(0.0, 0.0, 0.0)  # (N, F)
         # the penalty scale: the mean per-feature variance of the full-width train rows
         self.feature_var = float(z.pow(2).sum() / (len(z) * max(z.shape[1], 1)))
         if width is not None and x.shape[1] > width:
-            if len(z) > width:
+            fit_rows = width if fit_rows is None else fit_rows
+            if len(z) > fit_rows:
                 gen = torch.Generator().manual_seed(seed)
-                z = z[torch.randperm(len(z), generator=gen)[:width]]  # (width, F)
+                z = z[torch.randperm(len(z), generator=gen)[:fit_rows]]  # (fit_rows, F)
             zc = z - z.mean(0)
             s, u = torch.linalg.eigh(zc @ zc.T)  # (r,), (r, r) ascending
             keep = s > s.max().clamp_min(1e-30) * 1e-10
-            s, u = s[keep].flip(0), u[:, keep].flip(1)  # descending, nonzero only
+            dropped = int(keep.sum()) > width
+            s, u = s[keep].flip(0)[:width], u[:, keep].flip(1)[:, :width]  # descending, nonzero
             self.basis = zc.T @ u / s.sqrt()  # (F, r) orthonormal principal directions
             self.fit_rows = len(z)
-        self.exact = self.basis is None or self.fit_rows == len(x)
+        self.exact = self.basis is None or (self.fit_rows == len(x) and not dropped)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         z = ((x.double() - self.mean) / self.std).nan_to_num(0.0, 0.0, 0.0)  # (N, F)
         return z if self.basis is None else z @ self.basis  # (N, out_width)
+
+    def inverse(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Put projected rows z back into x's features, keeping x outside the basis: (N, F)."""
+        zx = ((x.double() - self.mean) / self.std).nan_to_num(0.0, 0.0, 0.0)  # (N, F)
+        full = z if self.basis is None else zx - (zx @ self.basis) @ self.basis.T + z @ self.basis.T
+        return full * self.std + self.mean
 
     def describe(self) -> dict:
         return {"method": "pca" if self.basis is not None else "none", "in_width": self.in_width,

@@ -198,3 +198,83 @@ def test_projection_keeps_the_ridge_fit_when_it_spans_the_train_rows():
     (p_full,), = probe_module.ridge_paths(full(x), y, [0.1], full(x_test), scale=full.feature_var * 200)
     (p_small,), = probe_module.ridge_paths(small(x), y, [0.1], small(x_test), scale=small.feature_var * 200)
     assert torch.allclose(p_full, p_small, atol=1e-6)
+
+
+# ---- SAE ----------------------------------------------------------------------------------
+
+SAE = _technique("sae", "SAE")
+FAST_SAE = {"n_train": 512, "n_test": 256, "steps": 60}
+
+
+def test_sae_scores_a_variable_held_at_an_intermediate_site(task):
+    r = SAE(**FAST_SAE)(_planted(task, "mid"), task, 0)
+    _ok(r, 256)
+    assert r.metrics["site"] == "mid" and r.metrics["sae_seeds"] == [1000, 1001, 1002]
+    assert r.score > 0.8
+    assert r.metrics["excluded_sites"] == ["deep", "embed"]
+
+
+def test_sae_ignores_a_variable_held_only_at_the_readout_input(task):
+    deep = SAE(**FAST_SAE)(_planted(task, "deep"), task, 0)
+    _ok(deep)
+    assert deep.metrics["site"] == "mid" and deep.score < 0.3
+    none = SAE(**FAST_SAE)(_planted(task, "none"), task, 0)
+    assert abs(deep.score - none.score) < 0.1  # no better than a model that ignores its input
+
+
+def test_sae_seeds_are_its_own_and_averaged(task):
+    model = _planted(task, "mid")
+    a = SAE(**FAST_SAE)(model, task, 1)
+    assert a.metrics["sae_seeds"] == [1010, 1011, 1012]
+    one = SAE(**FAST_SAE, n_sae_seeds=1)(model, task, 1)
+    assert one.metrics["sae_seeds"] == [1010] and one.metrics["score_sd_over_sae_seeds"] == 0.0
+
+
+def test_sae_projects_wide_sites_and_splices_back(task):
+    r = SAE(**FAST_SAE, width=4)(_planted(task, "mid"), task, 0)
+    _ok(r)
+    assert r.metrics["projection"]["method"] == "pca" and r.metrics["projection"]["out_width"] == 4
+    assert r.score > 0.8  # the variable's two directions are the top principal components
+
+
+# ---- CKA ----------------------------------------------------------------------------------
+
+CKA = _technique("cka", "CKA")
+cka_module = importlib.import_module("archbench.techniques.cka")
+
+
+def test_debiased_cka_is_about_zero_for_independent_wide_representations():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 2000, generator=gen), torch.randn(64, 2000, generator=gen)
+    assert cka_module.linear_cka(x, y) > 0.9  # the biased estimator: width >> n
+    assert abs(cka_module.debiased_cka(x, y)) < 0.05
+    assert cka_module.debiased_cka(x, x @ torch.linalg.qr(torch.randn(2000, 2000, generator=gen))[0]) \
+        == pytest.approx(1.0, abs=1e-9)
+
+
+def test_debiased_cka_leave_one_out_values_match_brute_force():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 5, generator=gen, dtype=torch.float64)
+    y = x[:, :3] + torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    theta, loo = cka_module.debiased_cka(x, y, loo=True)
+    brute = [cka_module.debiased_cka(torch.cat([x[:i], x[i + 1:]]), torch.cat([y[:i], y[i + 1:]]))
+             for i in (0, 13, 39)]
+    assert loo[[0, 13, 39]].tolist() == pytest.approx(brute, abs=1e-9)
+
+
+def test_cka_scores_an_intermediate_site_and_never_the_readout_input(task):
+    mid = CKA(n_test=256, n_select=256)(_planted(task, "mid"), task, 0)
+    _ok(mid, 256)
+    assert mid.metrics["best_site"] == "mid" and mid.score > 0.8
+    assert mid.metrics["excluded_sites"] == ["deep", "embed"] and len(mid.metrics["gram"]) == 64 * 65 // 2
+    deep = CKA(n_test=256, n_select=256)(_planted(task, "deep"), task, 0)
+    _ok(deep)
+    assert deep.metrics["deepest_site_cka"] > 0.9 and deep.score < 0.1
+
+
+def test_cka_random_init_transformer_is_near_zero(task):
+    from archbench.adapters.transformer import TransformerAdapter
+
+    r = CKA(n_test=256, n_select=256)(TransformerAdapter.for_task(task, 0), task, 0)
+    _ok(r)
+    assert r.score < 0.15
