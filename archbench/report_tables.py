@@ -157,9 +157,9 @@ def per_task(v: pd.DataFrame, cells: pd.DataFrame, technique: str, settings: ver
                      f"{fmt(_get(r, 'effect'))} {ci(_get(r, 'effect_lo'), _get(r, 'effect_hi'))}".strip(),
                      f"{fmt(_get(r, 'rho'))} {ci(_get(r, 'rho_lo'), _get(r, 'rho_hi'))}".strip(),
                      glyph(r.verdict, _provisional(r)), "" if n_seeds is None else str(int(n_seeds)), _get(r, "reason") or ""])
-    note = ("Scores of the trained organism and of its random-init control: the mean over seeds of each "
-            "cell's mean per-example value, unclipped (0 is the technique's chance level, 1 perfect; below 0 "
-            "is below chance), with a 95% t-interval over seeds; effect = trained − control per seed, with its seed-level interval; "
+    note = ("Scores in [0, 1] of the trained organism and of its random-init control (0 is the technique's "
+            "chance level, and a cell below chance counts as 0; 1 is perfect): the mean over seeds with a 95% "
+            "t-interval over seeds; effect = trained − control per seed, with its seed-level interval; "
             f"ρ = effect / effect on {settings.reference} for the same task.")
     return Table(f"task-{technique}", f"{technique}: scores per task",
                  ["task", "arch", "trained [95% CI]", "control [95% CI]", "effect [95% CI]", "ρ [95% CI]",

@@ -1,8 +1,10 @@
 """The transfer verdict: effects over random-init controls, seed-level intervals, ratios.
 
 For technique T, task K, architecture A:
-  score   per cell, the mean of its per-example values (unclipped, so a control below
-          chance is not rounded up to it);
+  score   per cell, the mean of its per-example values clipped to [0, 1] (the stored
+          score): 0 is the technique's chance level, and a cell below chance (a random-init
+          lens that names the majority answer less often than a constant guess would) counts
+          as chance, not as a negative number that would inflate trained - control;
   effect  e_s = score(trained, seed s) - score(control, seed s): the control is the same
           seed's random init (the sanity check of Adebayo et al. 2018);
   CI      95% Student-t interval over the seeds' effects: the seed is the unit of
@@ -55,10 +57,10 @@ class Settings:
 
 
 def cell_score(per_example, score) -> float:
-    """A cell's score for the verdict: the unclipped mean of its per-example values."""
+    """A cell's score for the verdict: the mean of its per-example values, clipped to [0, 1]."""
     values = np.asarray(per_example if per_example is not None else [], dtype=float)
     if values.size:
-        return float(values.mean())
+        return float(np.clip(values.mean(), 0.0, 1.0))
     return float("nan") if score is None else float(score)
 
 

@@ -318,7 +318,7 @@ def test_random_init_transformer_scores_about_zero(parity):
 
 
 def test_signed_per_example_values_reach_the_verdict(parity):
-    """The verdict reads the signed per-example values: a perfect lens over a constant control."""
+    """Signed per-example values reach the verdict, each cell's mean clipped at chance (0)."""
     from archbench.verdict import verdicts
 
     rows = []
