@@ -179,6 +179,9 @@ class MambaAdapter(Adapter):
     task_train_config = {
         "modadd": {"steps": 3000, "lr": 3e-3, "weight_decay": 1.0, "n_train": 8192},
         "parity": {"steps": 2500},
+        # lr 3e-3 (measured, seed 0): 2000 -> 700 steps, held-out 0.986 -> 0.989 (mamba2 inherits
+        # this table)
+        "recall": {"lr": 3e-3},
     }
 
     @classmethod

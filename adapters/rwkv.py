@@ -116,6 +116,8 @@ class RWKVAdapter(Adapter):
     task_train_config = {
         "modadd": {"steps": 3000, "lr": 3e-3, "weight_decay": 1.0, "n_train": 8192},
         "parity": {"steps": 2500},
+        # lr 3e-3 (measured, seed 0): 2000 -> 600 steps, held-out 0.981 -> 0.985
+        "recall": {"lr": 3e-3},
     }
 
     @classmethod
