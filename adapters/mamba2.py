@@ -49,6 +49,10 @@ STATE = ("batch", "pos", "heads", "head_dim", "d_state")
 class HookedMamba2Mixer(HookedScan, hf_mamba2.Mamba2Mixer):
     """transformers' Mamba2Mixer whose per-step state is a HookPoint (see the module docstring)."""
 
+    # Unhooked, transformers' chunked scan stays: it has no per-step indexing, and it trains
+    # faster than the sequential loop (0.15 vs 0.20 s/step on recall, 0.19 vs 0.34 on parity).
+    own_unhooked = False
+
     def scan_forward(self, hidden_states: torch.Tensor, attention_mask=None) -> torch.Tensor:
         """transformers' full-sequence torch path as a sequential scan, states hookable."""
         dtype = hidden_states.dtype
