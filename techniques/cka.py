@@ -101,7 +101,10 @@ def _hsic_unbiased_loo(k: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, 
 
 def debiased_cka(x: torch.Tensor, y: torch.Tensor, loo: bool = False):
     """Debiased linear CKA of x (n, F) and y (n, G), n >= 5; with loo=True also (n,) leave-one-out values."""
-    g, l = x.double() @ x.double().T, y.double() @ y.double().T  # (n, n), (n, n)
+    # HSIC_1 is invariant to a shift of x or y (leave-one-out values too); centring first
+    # keeps huge constant features (RWKV's -1e38 sentinels) from cancelling catastrophically
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    g, l = x @ x.T, y @ y.T  # (n, n), (n, n)
     (xy, xy_i), (xx, xx_i), (yy, yy_i) = (_hsic_unbiased_loo(g, l), _hsic_unbiased_loo(g, g),
                                           _hsic_unbiased_loo(l, l))
     theta = xy / (xx.clamp_min(1e-30) * yy.clamp_min(1e-30)).sqrt()

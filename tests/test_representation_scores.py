@@ -278,3 +278,12 @@ def test_cka_random_init_transformer_is_near_zero(task):
     r = CKA(n_test=256, n_select=256)(TransformerAdapter.for_task(task, 0), task, 0)
     _ok(r)
     assert r.score < 0.15
+
+
+def test_debiased_cka_ignores_a_huge_constant_feature():
+    """Recurrent states can hold -1e38 sentinels; CKA is shift-invariant, so they must not matter."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(60, 4, generator=gen, dtype=torch.float64)
+    y = x[:, :2] + 0.5 * torch.randn(60, 2, generator=gen, dtype=torch.float64)
+    with_sentinel = torch.cat([x, torch.full((60, 1), -1e38, dtype=torch.float64)], 1)
+    assert cka_module.debiased_cka(with_sentinel, y) == pytest.approx(cka_module.debiased_cka(x, y), abs=1e-9)
