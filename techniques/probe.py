@@ -33,8 +33,9 @@ on the test split, which neither choice saw.
 Projection and cost, measured on random-init Mamba states (2048 features): on parity
 (1024 train rows) the score is identical at width 256 and at full width (0.126 both; 5.6 s
 against 14.9 s per cell); on count's per-position rows (2 state sites of 9216 x 2048) it
-moves by 0.007 (0.323 against 0.316) while the fits take 6.4 s against 27 s (and 102 s for
-the former L-BFGS logistic probe). The least-squares classifier is weaker than logistic
+moves by 0.005 (0.153 against 0.149; one site's value moves by 0.05, not the best one's),
+the cell takes 16.5 s against 52.7 s, and the fits alone 6.4 s against 27 s (102 s for the
+former L-BFGS logistic probe; all timings on a shared 2-core machine). The least-squares classifier is weaker than logistic
 regression in raw accuracy on such states (count: 0.79 against 0.88 at full width), which
 the control task shares.
 

@@ -25,6 +25,13 @@ seeds, and accuracy with the reconstruction spliced into the site at the answer 
 (the first SAE seed; the part of the activation outside the projection is kept) against the
 clean accuracy.
 
+Projection and cost, measured on a random-init Mamba on parity (2048-feature states, 3 SAE
+seeds per site): one SAE trains in 5.1 s at width 256 against 36.6 s at full width, and the
+score is 0.20 at width 256 against 0.25 at full width (0.14 at 128): on such states the
+projection lowers the chance floor (fewer directions to match by chance) rather than
+keeping the score within 0.01, so compare cells only at one `width`. The SD of a site's
+score over SAE seeds is recorded (0.02-0.09 there; 0.05 on a trained transformer on facts).
+
 Chance level. Not 0: with m latents and N test rows, the best of m latents chosen on train
 keeps a positive |r| by chance, and any representation that carries the inputs (a random-init
 model's) yields latents correlated with value indicators. The random-init control cell
