@@ -24,7 +24,9 @@ accuracy (`metrics["projection"]` says so).
 Chance level and per_example. ~0 for a representation independent of the variable (it can
 be slightly negative; the score is clipped to [0, 1]). Any representation that carries the
 input tokens, e.g. a random-init model's, is correlated with Y wherever Y is close to a
-linear function of the inputs: the random-init control cell measures that floor. CKA is not
+linear function of the inputs: the random-init control cell measures that floor (facts,
+whose attribute is a function of 32 input keys: 0.38 on a random-init Mamba's layer-0 state,
+0.39 on the trained one; 0.10 against 0.61 on a 2-layer transformer). CKA is not
 a mean over examples, so `per_example` holds leave-one-out jackknife pseudo-values
 n*theta - (n-1)*theta_(-i), re-centred so that their mean is the score theta; all
 leave-one-out values come from the full Grams in O(n^2).
