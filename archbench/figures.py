@@ -30,7 +30,7 @@ from archbench.report_tables import arch_order
 # "success" (per site and scale), logit/tuned lens "accuracy", cka "cka", ablation
 # "mean_effect" (accuracy drop when the component is mean-ablated). A new technique that
 # stores one of these keys with a `layer` gets a depth figure with no change here.
-DEPTH_VALUES = ("normalised", "iia", "success", "accuracy", "cka", "mean_effect")
+DEPTH_VALUES = ("selectivity", "normalised", "iia", "success", "accuracy", "cka", "mean_effect")
 RHO_MAX = 1.2
 
 

@@ -180,7 +180,10 @@ def cka_bounds(cells: pd.DataFrame) -> pd.DataFrame:
     ok = cells[(cells.technique == "cka") & (cells.status == "ok") & ~cells.control]
     if ok.empty:
         return pd.DataFrame(columns=["arch_a", "arch_b", "lo", "hi", "n"])
-    theta = ok.assign(theta=np.arccos(ok.score.clip(0, 1))).set_index(["task", "seed", "arch"]).theta
+    # the triangle bounds hold for the ordinary (biased) CKA at the stored Gram's site; the
+    # cell's score is the debiased estimator, kept in metrics["cka_biased"] beside it
+    ordinary = ok.apply(lambda r: (r.metrics or {}).get("cka_biased", r.score), axis=1).astype(float)
+    theta = ok.assign(theta=np.arccos(ordinary.clip(0, 1))).set_index(["task", "seed", "arch"]).theta
     rows = []
     archs = sorted(ok.arch.unique())
     for a in archs:
