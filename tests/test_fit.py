@@ -84,7 +84,18 @@ def test_plateau_none_runs_to_the_step_cap(task):
 
 def test_target_stop_records_target(task):
     report = _tiny(task).fit(task, 0, **SMALL, steps=2000, target=0.0)
-    assert report.stopped == "target" and report.steps == 50
+    assert report.stopped == "target" and report.steps == 100  # at the target at 2 evaluations in a row
+    once = _tiny(task).fit(task, 0, **SMALL, steps=2000, target=0.0, target_patience=1)
+    assert once.stopped == "target" and once.steps == 50
+
+
+def test_a_run_that_reached_the_gate_level_does_not_stop_on_a_plateau(task):
+    # lr 0: validation accuracy never moves; below plateau_below it is a plateau, above it is not
+    flat = _tiny(task).fit(task, 0, **SMALL, steps=400, lr=0.0, target=1.01, plateau_steps=100)
+    assert flat.stopped == "plateau"
+    kept = _tiny(task).fit(task, 0, **SMALL, steps=400, lr=0.0, target=1.01, plateau_steps=100,
+                           plateau_below=0.0)
+    assert kept.stopped == "step cap" and kept.steps == 400
 
 
 def test_zoo_metadata_records_why_training_stopped(task, tmp_path, monkeypatch):
@@ -93,7 +104,7 @@ def test_zoo_metadata_records_why_training_stopped(task, tmp_path, monkeypatch):
     monkeypatch.setattr(SpikingAdapter, "train_config",
                         {**SpikingAdapter.train_config, **SMALL, "target": 0.0})
     _, meta = zoo.organism("spiking", task, 0)
-    assert meta["stopped"] == "target" and meta["steps"] == 50
+    assert meta["stopped"] == "target" and meta["steps"] == 100
     saved = json.loads((zoo.organism_dir("spiking", task, 0) / "adapter.json").read_text())["meta"]
     assert saved["stopped"] == "target"
     assert zoo.TRAINING_FORMAT == 3
