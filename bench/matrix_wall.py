@@ -1,6 +1,8 @@
-"""Matrix wall time: `archbench run --matrix --quick` cold and warm, with 1 and 2 workers.
+"""Matrix wall time: `archbench run --matrix` on a slice (or a whole matrix), cold and warm, with 1 and 2 workers.
 
-For each worker count, in a fresh temporary directory (its own results store and its own
+By default a small slice of the quick matrix runs (DEFAULT_SLICE: three cheap families, two
+tasks, two techniques, 3 seeds: minutes on two cores); `--quick-matrix` runs the whole quick
+matrix and `--full` the whole default one (hours). For each worker count, in a fresh temporary directory (its own results store and its own
 $ARCHBENCH_CACHE, so nothing is reused from earlier runs), this runs the real command line
 three times, one after another:
 
@@ -8,15 +10,18 @@ three times, one after another:
   warm     the same store again: every cell is already done and skipped (resume cost)
   cached   a new empty store, the organisms now cached: every cell runs, nothing trains
 
-and prints the wall time of each, the cell counts, and the peak resident memory of the
+and prints the wall time of each, the cell counts, the peak resident memory of the
 processes that ran the cells (`peak_mem_mb` in the store; with 1 worker the cells run in
-the driver itself, so that figure includes the driver).
+the driver itself, so that figure includes the driver), and the speed-up of each worker
+count over the smallest one, cold and cached.
 
-    python bench/matrix_wall.py                                   # the quick matrix, 1 and 2 workers
+    python bench/matrix_wall.py                                   # the slice, 1 and 2 workers
     python bench/matrix_wall.py --arch transformer --technique probe --task modadd --workers 1
+    python bench/matrix_wall.py --quick-matrix                    # the whole quick matrix
     python bench/matrix_wall.py --full --workers 2                # the full default matrix (hours)
 
---arch/--technique/--task/--seeds/--executor are passed through to `archbench run`.
+--arch/--technique/--task/--seeds/--executor are passed through to `archbench run`; any of
+the first three replaces the default slice.
 """
 
 from __future__ import annotations
@@ -37,24 +42,34 @@ import time
 from pathlib import Path
 
 
+DEFAULT_SLICE = {"arch": "transformer,kan,spiking", "task": "facts,count", "technique": "probe,cka"}
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts (default 1,2)")
-    p.add_argument("--full", action="store_true", help="the full default matrix (5 seeds) instead of --quick")
+    p.add_argument("--quick-matrix", action="store_true", help="the whole quick matrix instead of the slice")
+    p.add_argument("--full", action="store_true", help="the whole default matrix (5 seeds) instead of the slice")
     p.add_argument("--arch")
     p.add_argument("--technique")
     p.add_argument("--task")
     p.add_argument("--seeds")
     p.add_argument("--executor", default="local")
+    p.add_argument("--runs", default="cold,warm,cached", help="which of cold,warm,cached to run (default: all)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directories (printed)")
-    return p.parse_args()
+    a = p.parse_args()
+    a.slice = not (a.quick_matrix or a.full or a.arch or a.technique or a.task)
+    if a.slice:
+        for flag, value in DEFAULT_SLICE.items():
+            setattr(a, flag, value)
+    return a
 
 
 def archbench_run(a, workers: int, results: Path, cache: Path) -> tuple[float, str]:
     cmd = [sys.executable, "-m", "archbench.cli", "run", "--matrix", "--workers", str(workers),
            "--results", str(results), "--no-progress", "--executor", a.executor]
     if not a.full:
-        cmd.append("--quick")
+        cmd.append("--quick")  # --profile quick (the alias also runs older checkouts, for comparisons)
     for flag in ("arch", "technique", "task", "seeds"):
         if getattr(a, flag):
             cmd += [f"--{flag}", getattr(a, flag)]
@@ -89,6 +104,8 @@ def main() -> None:
         try:
             for run, results in (("cold", root / "results"), ("warm", root / "results"),
                                  ("cached", root / "results-cached")):
+                if run not in a.runs.split(","):
+                    continue
                 wall, summary = archbench_run(a, w, results, cache)
                 n = counts(summary)
                 peak = peak_mb(results) if run != "warm" else (None, None)
@@ -102,7 +119,7 @@ def main() -> None:
 
     import torch
 
-    matrix = "full default matrix" if a.full else "--quick matrix"
+    matrix = "full default matrix" if a.full else "quick profile" + (" (default slice)" if a.slice else "")
     filters = " ".join(f"--{f} {getattr(a, f)}" for f in ("arch", "technique", "task", "seeds") if getattr(a, f))
     print(f"matrix wall time, {datetime.date.today()}, {platform.machine()} {os.cpu_count()} cores, "
           f"torch {torch.__version__}; {matrix} {filters} --executor {a.executor}")
@@ -116,11 +133,13 @@ def main() -> None:
         mem = f"{peak_max:>18.0f} | {peak_med:>7.0f}" if peak_max is not None else f"{'-':>18} | {'-':>7}"
         print(f"| {w:>7} | {run:<6} | {wall:>8.1f} | {n['cells']:>5} | {n['already done']:>7} | {n['ok']:>4} | "
               f"{n['n/a']:>4} | {n['errors']:>4} | {mem} |")
-    colds = {w: wall for w, run, wall, _, _ in rows if run == "cold"}
-    if len(colds) > 1:
-        one = colds[min(colds)]
-        print("\n" + "; ".join(f"cold speed-up with {w} workers: {one / t:.2f}x" for w, t in colds.items()
-                               if w != min(colds)))
+    for kind in ("cold", "cached"):
+        walls = {w: wall for w, run, wall, _, _ in rows if run == kind}
+        if len(walls) > 1:
+            base = min(walls)
+            print(f"\n{kind}: " + "; ".join(f"{w} workers / {base}: {walls[base] / t:.2f}x speed-up"
+                                            for w, t in walls.items() if w != base), end="")
+    print()
     print(f"max RSS of any child process: {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MB")
 
 
