@@ -88,13 +88,14 @@ class Adapter(abc.ABC):
     # modadd's 53 sequences, reach it by luck), or when it has not risen by `plateau_delta`
     # over `plateau_steps` steps while still below `plateau_below` (a run that has reached
     # the gate's level trains on: it is not hopeless, and a dip can recover; None: never).
+    # `grad_clip` caps the gradient norm (None: no clipping).
     # plateau_steps 1000, not 500: at 500 the transformer stopped at chance on 16-bit parity
     # (flat at 0.5 to step 700, then 0.9 at 800, 1.0 at 1000) and MoE modadd seed 0 at 0.86
     # (with 1000 it reaches 0.97 at 2500 steps; 0.90 at the 3000 cap before the schedule).
     train_config: ClassVar[dict[str, Any]] = {
         "steps": 2000, "batch": 128, "lr": 1e-3, "weight_decay": 0.1, "n_train": 8192,
         "eval_every": 100, "target": 0.99, "target_patience": 2, "warmup": 100, "min_lr_ratio": 0.1,
-        "plateau_steps": 1000, "plateau_delta": 0.02, "plateau_below": 0.9,
+        "plateau_steps": 1000, "plateau_delta": 0.02, "plateau_below": 0.9, "grad_clip": None,
     }
     task_train_config: ClassVar[dict[str, dict[str, Any]]] = {}
     # Bumped when this family's training changes meaning without a config change (part of
@@ -271,6 +272,8 @@ class Adapter(abc.ABC):
             loss = self.loss(train.tokens[idx], train.answer[idx], cfg, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg["grad_clip"]:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
             opt.step()
             sched.step()
             if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
