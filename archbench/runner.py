@@ -419,7 +419,7 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=1000, dynamic_ncols=True, bar_format="{desc}{percentage:3.0f}%|{bar}| {postfix}")
+            self._bar = tqdm(total=1000, dynamic_ncols=True, bar_format="{desc}{percentage:3.0f}%|{bar}| {unit}")
             self._route_warnings()
             self._ticker = threading.Thread(target=self._tick, name="archbench-progress", daemon=True)
             self._ticker.start()
@@ -500,7 +500,7 @@ class Progress:
         with self._lock:
             self._bar.n = int(fraction * 1000)
             self._bar.set_description_str(counts, refresh=False)
-            self._bar.set_postfix_str(times, refresh=False)
+            self._bar.unit = times  # the bar format shows {unit} after the bar
             self._bar.refresh()
 
     def _tick(self) -> None:
