@@ -111,7 +111,9 @@ class SAE(Technique):
     roles = frozenset(SITE_ROLES)
     # width: sites wider than this are projected onto their top principal components;
     # n_sae_seeds: SAEs per site, seeded 1000 + 10 * seed + i (never the task seed)
-    default_config = {"n_train": 1024, "n_test": 512, "expansion": 4, "max_latents": 512, "k": 8,
+    # n_train 512 and at most 256 latents: a random-init Mamba parity cell (3 sites x 3 SAEs) takes
+    # 18.5 s against 33 s with 1,024 rows and 512 latents on this 2-core machine
+    default_config = {"n_train": 512, "n_test": 512, "expansion": 4, "max_latents": 256, "k": 8,
                       "steps": 100, "lr": 3e-3, "latents": "primary", "width": 256, "n_sae_seeds": 3}
 
     @torch.no_grad()
