@@ -13,8 +13,8 @@ a plain list of calls.
 
 Organisms are cached under `$ARCHBENCH_CACHE` (the driver's value, resolved to an absolute
 path) and every task gets that path through Ray's `runtime_env` `env_vars`. On a cluster it
-must be a filesystem every node mounts at the same path (NFS, Lustre, EFS, ...): phase 1
-trains each organism once into the cache and phase 2 reads it back on whichever node runs
+must be a filesystem every node mounts at the same path (NFS, Lustre, EFS, ...): an organism
+job trains each organism once into the cache and its cells read it back on whichever node runs
 the cell. Every node also needs archbench installed in the same environment as the driver.
 
 Resources: a task asks for `num_cpus` (default 1) and `num_gpus` (default 0) and sets torch
