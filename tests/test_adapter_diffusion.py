@@ -113,6 +113,6 @@ def test_techniques_read_the_answer_slot_not_the_last_input():
     assert Probe(n_train=64, n_test=32, steps=5)(adapter, task, 0).applicable
     patch = Patching(n_pairs=8)(adapter, task, 0)
     positions = {d["position"] for d in patch.details}
-    assert positions == set(range(T + 1))  # the inputs and the answer slot
-    trivial = [d for d in patch.details if d["trivial"] and d["role"] != "embed"]
-    assert {d["position"] for d in trivial} == {T}  # the deepest site at the slot
+    assert positions == set(range(T + 1)) | {"aligned"}  # the inputs, the answer slot, each pair's change
+    readout = [d for d in patch.details if d["trivial_reason"] == "readout input"]
+    assert {d["position"] for d in readout} == {T}  # the deepest site at the slot, not at T - 1
