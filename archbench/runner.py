@@ -26,15 +26,11 @@ import collections
 import ctypes
 import heapq
 import itertools
-import logging
 import multiprocessing
 import os
 import resource
 import signal
-import sqlite3
-import statistics
 import sys
-import threading
 import time
 import traceback
 import warnings
@@ -44,6 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from archbench import registry, zoo
+from archbench.costs import CostModel
+from archbench.progress import Progress
 from archbench.store import RunSpec, Store, cell_identity
 
 # seeds per run profile (`archbench run --profile`); `--seeds` overrides
@@ -241,98 +239,6 @@ EXECUTORS: dict[str, Callable[..., Any]] = {"local": LocalExecutor, "ray": _ray_
 
 
 # ---------------------------------------------------------------------------------------
-# the cost model: seconds of one job on one worker
-
-# Priors from the published quick matrix (results/archbench.db.gz, one core per worker).
-# Organism training seconds per family x task:
-ORGANISM_SECONDS: dict[tuple[str, str], float] = {
-    ("diffusion", "count"): 33.3, ("diffusion", "facts"): 55.9, ("diffusion", "modadd"): 54.8,
-    ("diffusion", "parity"): 172.3, ("diffusion", "recall"): 99.3,
-    ("kan", "count"): 0.5, ("kan", "facts"): 1.0, ("kan", "modadd"): 6.6, ("kan", "parity"): 0.7,
-    ("kan", "recall"): 10.2,
-    ("looped", "count"): 16.2, ("looped", "facts"): 5.5, ("looped", "modadd"): 35.6,
-    ("looped", "parity"): 42.5, ("looped", "recall"): 40.7,
-    ("mamba", "count"): 21.5, ("mamba", "facts"): 8.4, ("mamba", "modadd"): 23.5,
-    ("mamba", "parity"): 23.3, ("mamba", "recall"): 207.2,
-    ("mamba2", "count"): 13.9, ("mamba2", "facts"): 3.1, ("mamba2", "modadd"): 31.3,
-    ("mamba2", "parity"): 5.3, ("mamba2", "recall"): 63.1,
-    ("moe", "count"): 8.8, ("moe", "facts"): 2.8, ("moe", "modadd"): 66.0, ("moe", "parity"): 36.2,
-    ("moe", "recall"): 16.0,
-    ("nvar", "count"): 7.4, ("nvar", "facts"): 24.8, ("nvar", "modadd"): 3.0, ("nvar", "parity"): 1.1,
-    ("nvar", "recall"): 0.4,
-    ("reservoir", "count"): 1.2, ("reservoir", "facts"): 0.7, ("reservoir", "modadd"): 0.5,
-    ("reservoir", "parity"): 1.7, ("reservoir", "recall"): 1.1,
-    ("rwkv", "count"): 4.1, ("rwkv", "facts"): 1.3, ("rwkv", "modadd"): 13.8, ("rwkv", "parity"): 9.5,
-    ("rwkv", "recall"): 52.9,
-    ("spiking", "count"): 1.3, ("spiking", "facts"): 2.0, ("spiking", "modadd"): 5.1,
-    ("spiking", "parity"): 13.5, ("spiking", "recall"): 13.6,
-    ("transformer", "count"): 3.3, ("transformer", "facts"): 0.9, ("transformer", "modadd"): 3.5,
-    ("transformer", "parity"): 16.5, ("transformer", "recall"): 4.8,
-}
-DEFAULT_ORGANISM_SECONDS = 20.0
-# A cell's seconds ~ technique seconds x family factor x task factor (a log-linear fit to the
-# ok cells of the same store; unknown names get 1 s, 1 and 1):
-TECHNIQUE_SECONDS = {"ablation": 0.84, "attribution": 0.33, "logit_lens": 0.032, "patching": 0.36,
-                     "probe": 0.49, "sae": 1.11, "steering": 0.18, "tuned_lens": 0.21, "cka": 0.058}
-FAMILY_FACTOR = {"diffusion": 0.84, "kan": 0.31, "looped": 1.72, "mamba": 5.37, "mamba2": 2.83, "moe": 0.93,
-                 "reservoir": 1.41, "rwkv": 0.8, "spiking": 0.27, "transformer": 0.51}
-TASK_FACTOR = {"count": 1.61, "facts": 0.68, "modadd": 0.53, "parity": 1.41, "recall": 1.23}
-
-
-class CostModel:
-    """Estimated seconds of organism and cell jobs on one worker.
-
-    A (family, task) training time or (technique, family, task) cell time that the store has
-    recorded (organisms' `seconds`, ok cells' `wall_s`; medians) is used as it is; any other
-    comes from the priors above, scaled by how much faster or slower this machine has been
-    than the priors on the jobs the store knows.
-    """
-
-    def __init__(self, store: Store | None = None):
-        self.organisms: dict[tuple[str, str], float] = {}
-        self.cells: dict[tuple[str, str, str], float] = {}
-        if store is not None:
-            try:
-                rows = store.db.execute("SELECT arch, task, seconds FROM organisms WHERE seconds > 0").fetchall()
-                self.organisms = self._medians(rows)
-                rows = store.db.execute("SELECT technique, arch, task, wall_s FROM cells "
-                                        "WHERE status = 'ok' AND wall_s > 0").fetchall()
-                self.cells = self._medians(rows)
-            except sqlite3.DatabaseError:
-                pass
-        self.organism_speed = self._speed({k: (v, self._organism_prior(*k)) for k, v in self.organisms.items()})
-        self.cell_speed = self._speed({k: (v, self._cell_prior(*k)) for k, v in self.cells.items()})
-
-    @staticmethod
-    def _medians(rows) -> dict:
-        groups: dict[tuple, list[float]] = collections.defaultdict(list)
-        for *key, seconds in rows:
-            groups[tuple(key)].append(seconds)
-        return {k: statistics.median(v) for k, v in groups.items()}
-
-    @staticmethod
-    def _speed(pairs: dict) -> float:
-        ratios = [seen / prior for seen, prior in pairs.values() if prior > 0]
-        return min(max(statistics.median(ratios), 0.05), 20.0) if ratios else 1.0
-
-    @staticmethod
-    def _organism_prior(arch: str, task: str) -> float:
-        return ORGANISM_SECONDS.get((arch, task), DEFAULT_ORGANISM_SECONDS)
-
-    @staticmethod
-    def _cell_prior(technique: str, arch: str, task: str) -> float:
-        return TECHNIQUE_SECONDS.get(technique, 1.0) * FAMILY_FACTOR.get(arch, 1.0) * TASK_FACTOR.get(task, 1.0)
-
-    def organism(self, arch: str, task: str) -> float:
-        seen = self.organisms.get((arch, task))
-        return seen if seen is not None else self._organism_prior(arch, task) * self.organism_speed
-
-    def cell(self, technique: str, arch: str, task: str) -> float:
-        seen = self.cells.get((technique, arch, task))
-        return seen if seen is not None else self._cell_prior(technique, arch, task) * self.cell_speed
-
-
-# ---------------------------------------------------------------------------------------
 # the scheduler: one queue of organism and cell jobs, longest first, cells behind organisms
 
 Organism = tuple[str, str, int]  # (arch, task, seed)
@@ -389,161 +295,6 @@ class Scheduler:
 
     def queued_cost(self) -> float:
         return sum(job.cost for *_, job in self._ready) + sum(j.cost for jobs in self.waiting.values() for j in jobs)
-
-
-# ---------------------------------------------------------------------------------------
-# progress: organisms and cells, elapsed and ETA, refreshed every second
-
-
-class Progress:
-    """One status line: organisms trained, cells recorded, jobs running, elapsed time and an
-    ETA from the cost model (rescaled by how fast this run's finished jobs went, divided by
-    the number of workers). Warnings from the driver, its loggers and the workers are
-    written above the line instead of through it. Disabled, it prints nothing."""
-
-    def __init__(self, enabled: bool, organisms: int, cells: int, capacity: int, work: float):
-        self.enabled = enabled
-        self.organisms_total, self.cells_total = organisms, cells
-        self.organisms_done = self.cells_done = self.errors = 0
-        self.capacity = max(1, capacity)
-        self.remaining_est = work  # estimated seconds of jobs not yet finished (incl. running)
-        self.finished_est = self.finished_actual = 0.0
-        self.running: dict[Any, tuple[float, float]] = {}  # tag -> (start, estimated seconds)
-        self.start = time.perf_counter()
-        self._lock = threading.RLock()
-        self._seen_warnings: set[str] = set()
-        self._bar = None
-        self._stop = threading.Event()
-        self._ticker: threading.Thread | None = None
-        self._restore: list[Callable[[], None]] = []
-        if enabled:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=1000, dynamic_ncols=True, bar_format="{desc}{percentage:3.0f}%|{bar}| {unit}")
-            self._route_warnings()
-            self._ticker = threading.Thread(target=self._tick, name="archbench-progress", daemon=True)
-            self._ticker.start()
-            self.refresh()
-
-    # events (called by the driver)
-    def started(self, tag: Any, job: Job) -> None:
-        with self._lock:
-            self.running[tag] = (time.perf_counter(), job.cost)
-
-    def finished(self, tag: Any, job: Job, seconds: float) -> None:
-        with self._lock:
-            self.running.pop(tag, None)
-            self.remaining_est -= job.cost
-            self.finished_est += job.cost
-            self.finished_actual += seconds
-            if job.kind == "organism":
-                self.organisms_done += 1
-        self.refresh()
-
-    def recorded(self, status: str, without_worker: Job | None = None) -> None:
-        """A cell was written to the store: by a finished job, or by the driver without a
-        worker (`without_worker`: gate failed or organism failed), whose cost is then dropped."""
-        with self._lock:
-            self.cells_done += 1
-            self.errors += status == "error"
-            if without_worker is not None:
-                self.remaining_est -= without_worker.cost
-
-    def warn(self, message: str) -> None:
-        """Show a warning once per run, above the status line."""
-        with self._lock:
-            if message in self._seen_warnings:
-                return
-            self._seen_warnings.add(message)
-        self._write(f"warning: {message}")
-
-    # reading
-    def speed(self) -> float:
-        """Actual over estimated seconds of this run's finished jobs (1 before any finished)."""
-        with self._lock:
-            if self.finished_est <= 0 or self.finished_actual <= 0:
-                return 1.0
-            return min(max(self.finished_actual / self.finished_est, 0.05), 20.0)
-
-    def eta(self) -> float:
-        """Estimated seconds until the run ends."""
-        now = time.perf_counter()
-        with self._lock:
-            speed = self.speed()
-            running_est = sum(est for _, est in self.running.values())
-            left_running = [max(est * speed - (now - t0), 0.0) for t0, est in self.running.values()]
-            queued = max(self.remaining_est - running_est, 0.0) * speed
-            return max((queued + sum(left_running)) / self.capacity, max(left_running, default=0.0))
-
-    def line(self) -> tuple[str, str, float]:
-        """(counts, times, fraction done) as shown."""
-        from tqdm import tqdm
-
-        now = time.perf_counter()
-        with self._lock:
-            elapsed = now - self.start
-            eta = self.eta()
-            done = self.finished_actual + sum(now - t0 for t0, _ in self.running.values())
-            fraction = done / (done + eta * self.capacity) if done + eta > 0 else 0.0
-            counts = (f"organisms {self.organisms_done}/{self.organisms_total}, "
-                      f"cells {self.cells_done}/{self.cells_total}"
-                      + (f" ({self.errors} errors)" if self.errors else "") + " ")
-            times = (f"{len(self.running)} running, elapsed {tqdm.format_interval(elapsed)}, "
-                     f"ETA {tqdm.format_interval(eta)}")
-        return counts, times, min(max(fraction, 0.0), 1.0)
-
-    # output
-    def refresh(self) -> None:
-        if self._bar is None:
-            return
-        counts, times, fraction = self.line()
-        with self._lock:
-            self._bar.n = int(fraction * 1000)
-            self._bar.set_description_str(counts, refresh=False)
-            self._bar.unit = times  # the bar format shows {unit} after the bar
-            self._bar.refresh()
-
-    def _tick(self) -> None:
-        while not self._stop.wait(1.0):
-            try:
-                self.refresh()
-            except Exception:  # never let the display kill the run
-                return
-
-    def _write(self, text: str) -> None:
-        if self._bar is not None:
-            from tqdm import tqdm
-
-            with self._lock:
-                tqdm.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr)
-
-    def _route_warnings(self) -> None:
-        """Driver warnings and log records go through tqdm.write while the bar is shown."""
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        previous = warnings.showwarning
-
-        def show(message, category, filename, lineno, file=None, line=None):
-            self.warn(f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})")
-
-        warnings.showwarning = show
-        self._restore.append(lambda: setattr(warnings, "showwarning", previous))
-        redirect = logging_redirect_tqdm([logging.getLogger()])
-        redirect.__enter__()
-        self._restore.append(lambda: redirect.__exit__(None, None, None))
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._ticker is not None:
-            self._ticker.join(timeout=5)
-        if self._bar is not None:
-            self.refresh()
-            self._bar.close()
-            self._bar = None
-        while self._restore:
-            self._restore.pop()()
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from archbench import registry, runner, zoo
+from archbench import costs, registry, runner, zoo
 from archbench.store import RunSpec, Store
 from archbench.technique import Technique
 
@@ -212,12 +212,12 @@ def test_cost_model_prefers_recorded_times_and_scales_priors(tmp_path):
     _record_training_times(tmp_path, {("transformer", "modadd"): 7.0, ("transformer", "count"): 6.6})
     with Store(tmp_path) as store:
         store.put_cell(RunSpec("probe", "transformer", "modadd", 0), {"status": "ok", "wall_s": 2.5})
-        costs = runner.CostModel(store)
-    assert costs.organism("transformer", "modadd") == 7.0 and costs.cell("probe", "transformer", "modadd") == 2.5
+        model = costs.CostModel(store)
+    assert model.organism("transformer", "modadd") == 7.0 and model.cell("probe", "transformer", "modadd") == 2.5
     # this machine took twice the priors' time on the recorded organisms: unrecorded ones are scaled alike
     speed = statistics.median([7.0 / 3.5, 6.6 / 3.3])
-    assert costs.organism("mamba", "recall") == pytest.approx(runner.ORGANISM_SECONDS[("mamba", "recall")] * speed)
-    assert runner.CostModel().organism("mamba", "recall") > runner.CostModel().organism("kan", "count")
+    assert model.organism("mamba", "recall") == pytest.approx(costs.ORGANISM_SECONDS[("mamba", "recall")] * speed)
+    assert costs.CostModel().organism("mamba", "recall") > costs.CostModel().organism("kan", "count")
 
 
 def test_jobs_run_longest_first_and_cells_start_while_organisms_train(tmp_path):
