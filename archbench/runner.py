@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable
 from archbench import registry, zoo
 from archbench.costs import CostModel
 from archbench.progress import Progress
+from archbench.verdict import Settings as VerdictSettings
 from archbench.store import RunSpec, Store, cell_identity
 
 # seeds per run profile (`archbench run --profile`); `--seeds` overrides
@@ -258,12 +259,15 @@ class Job:
 
 
 class Scheduler:
-    """Ready jobs longest first (organisms before cells at equal cost, then matrix order);
-    the cells of an organism still to be trained wait until `release` is called for it."""
+    """Ready jobs of the reference family first, then longest first (organisms before cells at
+    equal cost, then matrix order); the cells of an organism still to be trained wait until
+    `release` is called for it. The reference goes first because every verdict divides by it:
+    a run stopped part-way should still have the row the others are read against."""
 
-    def __init__(self, costs: CostModel):
+    def __init__(self, costs: CostModel, reference: str | None = VerdictSettings.reference):
         self.costs = costs
-        self._ready: list[tuple[float, int, int, Job]] = []
+        self.reference = reference
+        self._ready: list[tuple[bool, float, bool, int, Job]] = []
         self._order = itertools.count()
         self.waiting: dict[Organism, list[Job]] = {}
 
@@ -285,7 +289,8 @@ class Scheduler:
         return self.waiting.pop(organism, [])
 
     def _push(self, job: Job) -> None:
-        heapq.heappush(self._ready, (-job.cost, job.kind != "organism", next(self._order), job))
+        first = job.organism[0] != self.reference  # False sorts first
+        heapq.heappush(self._ready, (first, -job.cost, job.kind != "organism", next(self._order), job))
 
     def pop(self) -> Job | None:
         return heapq.heappop(self._ready)[-1] if self._ready else None

@@ -35,10 +35,11 @@ def cache_root() -> Path:
 
 
 # Bumped whenever training changes meaning without a config change (e.g. the validation
-# split used for early stopping; 3: cosine learning-rate decay and plateau stopping), so
+# split used for early stopping; 3: cosine learning-rate decay and plateau stopping; 4: a
+# plateau rise must also beat two standard errors of the validation accuracy), so
 # cached organisms from older code are not reused; `Adapter.training_format` does the same
 # for one family.
-TRAINING_FORMAT = 3
+TRAINING_FORMAT = 4
 
 
 def organism_id(arch: str, task, seed: int) -> str:

@@ -214,8 +214,9 @@ def test_cost_model_prefers_recorded_times_and_scales_priors(tmp_path):
         store.put_cell(RunSpec("probe", "transformer", "modadd", 0), {"status": "ok", "wall_s": 2.5})
         model = costs.CostModel(store)
     assert model.organism("transformer", "modadd") == 7.0 and model.cell("probe", "transformer", "modadd") == 2.5
-    # this machine took twice the priors' time on the recorded organisms: unrecorded ones are scaled alike
-    speed = statistics.median([7.0 / 3.5, 6.6 / 3.3])
+    # this machine's time over the priors' on the recorded organisms scales the unrecorded ones
+    speed = statistics.median([7.0 / costs.ORGANISM_SECONDS[("transformer", "modadd")],
+                               6.6 / costs.ORGANISM_SECONDS[("transformer", "count")]])
     assert model.organism("mamba", "recall") == pytest.approx(costs.ORGANISM_SECONDS[("mamba", "recall")] * speed)
     assert costs.CostModel().organism("mamba", "recall") > costs.CostModel().organism("kan", "count")
 
@@ -295,3 +296,13 @@ def test_progress_line_and_warnings_above_it(tmp_path, monkeypatch, capsys):
     assert err.count("warning: UserWarning: a noisy library") == 1  # once per run, on its own line
     runner.run_matrix(specs, tmp_path / "quiet", workers=1, progress=False)
     assert "organisms" not in capsys.readouterr().err
+
+
+def test_the_reference_family_is_scheduled_first():
+    # a run stopped part-way must still hold the row every verdict divides by
+    sched = runner.Scheduler(costs.CostModel())
+    sched.add_organism(("mamba", "parity", 0), [])
+    sched.add_organism(("transformer", "facts", 0), [])
+    sched.add_organism(("moe", "modadd", 0), [])
+    order = [sched.pop().organism[0] for _ in range(3)]
+    assert order == ["transformer", "mamba", "moe"]  # then longest first
