@@ -81,6 +81,8 @@ def build_tables(d: ReportData) -> list[Table]:
     out = [tables.transfer_matrix(d.summary, s), tables.behaviour(d.organisms, d.cells, s.reference)]
     sim = tables.similarity(d.cells, s.reference)
     out += [sim] if sim is not None else []
+    high = tables.high_controls(d.verdicts, s)
+    out += [high] if high is not None else []
     out += [tables.per_task(d.verdicts, d.cells, tech, s) for tech in sorted(d.cells.technique.unique())]
     err = tables.errors(d.cells)
     out += [err] if err is not None else []

@@ -22,7 +22,7 @@ from decimal import ROUND_FLOOR, Decimal
 import numpy as np
 import pandas as pd
 
-from archbench import verdict
+from archbench import registry, verdict
 from archbench.version import __version__
 
 
@@ -271,6 +271,32 @@ def similarity(cells: pd.DataFrame, reference: str) -> Table | None:
 
 
 # ---- errors and provenance ------------------------------------------------------------------------
+
+HIGH_CONTROL = 0.2  # a control mean above this is listed with its explanation
+
+
+def high_controls(v: pd.DataFrame, settings: verdict.Settings) -> Table | None:
+    """Every (technique, task, arch) whose random-init control scores above HIGH_CONTROL on
+    average, with the technique's own account of why its control can (`control_floor`)."""
+    if v.empty or "control" not in v:
+        return None
+    high = v[v.control > HIGH_CONTROL].sort_values(["technique", "task", "control"], ascending=[True, True, False])
+    if high.empty:
+        return None
+    why = {}
+    for tech in high.technique.unique():
+        try:
+            why[tech] = registry.technique(tech).control_floor or "no account given: read this cell with care"
+        except (registry.UnknownName, ImportError):
+            why[tech] = "a technique this installation does not have"
+    rows = [[r.technique, r.task, r.arch, fmt(r.control), fmt(r.trained), fmt(r.effect),
+             glyph(r.verdict, _provisional(r))] for r in high.itertuples()]
+    note = (f"Controls whose mean over seeds is above {HIGH_CONTROL}: the random-init model already scores "
+            "there, so only the trained − control effect is evidence. Why each technique's control can: "
+            + " ".join(f"{tech}: {text}" for tech, text in why.items()))
+    return Table("high-controls", f"Controls above {HIGH_CONTROL}", ["technique", "task", "arch", "control",
+                                                                     "trained", "effect", "verdict"], rows, note)
+
 
 def last_line(text) -> str:
     return (text or "").strip().splitlines()[-1] if isinstance(text, str) and text.strip() else ""

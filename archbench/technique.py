@@ -55,6 +55,10 @@ class Technique(abc.ABC):
     roles: ClassVar[frozenset[str]] = frozenset()
     capabilities: ClassVar[frozenset[str]] = frozenset()
     default_config: ClassVar[dict[str, Any]] = {}
+    # Why this technique's random-init control can score well above 0 although its score is
+    # chance-corrected (a capability present at init, a floor of the estimator); the report
+    # prints it beside every control mean above `report_tables.HIGH_CONTROL`.
+    control_floor: ClassVar[str] = ""
 
     def __init__(self, **config: Any):
         self.config = {**self.default_config, **config}

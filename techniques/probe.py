@@ -232,6 +232,10 @@ def _index(y_raw: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 class Probe(Technique):
     name = "probe"
     version = 2
+    control_floor = ("a variable that is a sum of token indicators (count) or equals one input token "
+                     "(recall's answer) is linear in any state that mixes the token embeddings, as a "
+                     "random-init layer does, while an arbitrary function of the same tokens (the control "
+                     "task) is not, so selectivity is above 0 before training: a capability present at init.")
     representation = True
     roles = frozenset(SITE_ROLES)
     # width: features are projected onto this many principal components when wider;

@@ -107,6 +107,10 @@ def _match(z_tr: torch.Tensor, z_te: torch.Tensor, g_tr: torch.Tensor, g_te: tor
 class SAE(Technique):
     name = "sae"
     version = 2
+    control_floor = ("the score is a correlation, not chance-corrected: the best of up to 256 latents keeps "
+                     "a positive |r| by chance, and a random-init state that carries the input tokens "
+                     "already holds latents correlated with a variable that is a simple function of them "
+                     "(count's indicators).")
     representation = True
     roles = frozenset(SITE_ROLES)
     # width: sites wider than this are projected onto their top principal components;
