@@ -115,7 +115,7 @@ def _executor(args):
         given = [flag for flag, value in ray_flags.items() if value is not None]
         if given:
             raise UsageError(f"{given[0]} needs --executor ray")
-        return args.executor
+        return _slurm_executor(args) or args.executor
     if args.ray_cpus_per_task == 0:
         raise UsageError("--ray-cpus-per-task must be > 0 (fractions such as 0.5 are fine)")
     try:
@@ -123,6 +123,33 @@ def _executor(args):
                                        num_cpus=args.ray_cpus_per_task or 1,
                                        num_gpus=args.ray_gpus_per_task or 0)
     except ImportError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _slurm_time(value: str) -> int:
+    from archbench.slurm_executor import slurm_minutes
+
+    return _checked(slurm_minutes, lambda m: m >= 1, "a Slurm time limit such as 90, 4:00:00 or 1-00:00")(value)
+
+
+def _slurm_executor(args):
+    """None unless `--executor slurm`, else the Slurm executor built from the slurm flags."""
+    from archbench import runner
+
+    slurm_flags = {"--slurm-partition": args.slurm_partition, "--slurm-time": args.slurm_time,
+                   "--slurm-folder": args.slurm_folder, "--slurm-cpus-per-task": args.slurm_cpus_per_task}
+    if args.executor != "slurm":
+        given = [flag for flag, value in slurm_flags.items() if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} needs --executor slurm")
+        return None
+    from archbench.slurm_executor import DEFAULT_MINUTES, SlurmError
+
+    try:
+        return runner.EXECUTORS["slurm"](args.workers, partition=args.slurm_partition,
+                                         minutes=args.slurm_time or DEFAULT_MINUTES, folder=args.slurm_folder,
+                                         cpus_per_task=args.slurm_cpus_per_task or 1)
+    except (ImportError, SlurmError) as exc:
         raise UsageError(str(exc)) from None
 
 
@@ -261,14 +288,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=_positive, help="number of seeds (overrides --profile)")
     s.add_argument("--quick", action="store_true", help="the same as --profile quick")
     s.add_argument("--workers", type=_positive, help="worker processes (default: number of cores); with "
-                   "--executor ray: CPUs of the local Ray instance, or tasks in flight on a cluster")
-    s.add_argument("--executor", choices=["local", "ray"], default="local",
+                   "--executor ray: CPUs of the local Ray instance, or tasks in flight on a cluster; with "
+                   "--executor slurm: jobs in flight (default 32)")
+    s.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
                    help="local: a process pool here (default); ray: one Ray task per organism and cell "
-                        '(pip install "archbench[ray]")')
+                        '(pip install "archbench[ray]"); slurm: one Slurm job per organism and cell '
+                        'through submitit (pip install "archbench[slurm]"); $ARCHBENCH_CACHE must then be '
+                        "a filesystem every node shares, never /tmp")
     s.add_argument("--address", help="Ray cluster to join (e.g. auto, ray://head:10001; default: start "
                    "a local Ray); $ARCHBENCH_CACHE must then be a filesystem shared by every node")
     s.add_argument("--ray-cpus-per-task", type=_amount, help="CPUs each Ray task reserves (default 1)")
     s.add_argument("--ray-gpus-per-task", type=_amount, help="GPUs each Ray task reserves (default 0)")
+    s.add_argument("--slurm-partition", metavar="NAME", help="Slurm partition of each job (default: the "
+                   "cluster's); other sbatch settings come from SBATCH_* variables, e.g. SBATCH_ACCOUNT")
+    s.add_argument("--slurm-time", type=_slurm_time, metavar="LIMIT", help="time limit of each job: minutes, "
+                   "H:M:S or D-H:M (default 60 minutes)")
+    s.add_argument("--slurm-folder", metavar="DIR", help="submitit's job pickles and logs, on a filesystem "
+                   "every node shares (default: $ARCHBENCH_CACHE/slurm/%%j, %%j being the job id)")
+    s.add_argument("--slurm-cpus-per-task", type=_positive, metavar="N",
+                   help="CPUs (and torch threads) of each job (default 1)")
     s.add_argument("--gate", type=_fraction, default=0.9, help="held-out accuracy an organism needs (default 0.9)")
     s.add_argument("--results", default="results", help="results directory (default: results)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -235,8 +235,15 @@ def _ray_executor(workers: int | None, **options: Any):
     return RayExecutor(workers, **options)
 
 
+def _slurm_executor(workers: int | None, **options: Any):
+    from archbench.slurm_executor import SlurmExecutor  # imports submitit only when asked for
+
+    return SlurmExecutor(workers, **options)
+
+
 # name -> factory(workers, **options) of an executor (see the section comment above)
-EXECUTORS: dict[str, Callable[..., Any]] = {"local": LocalExecutor, "ray": _ray_executor}
+EXECUTORS: dict[str, Callable[..., Any]] = {"local": LocalExecutor, "ray": _ray_executor,
+                                            "slurm": _slurm_executor}
 
 
 # ---------------------------------------------------------------------------------------
