@@ -2,7 +2,7 @@
 
 Every (technique, arch, task, seed) becomes two cells, the trained organism and its
 random-init control. Organism jobs (train one organism, or nothing if the zoo has it) and
-cell jobs share one queue, ordered longest first by a cost model (`CostModel`: family x task
+cell jobs share one queue, the reference family's first, then longest first by a cost model (`CostModel`: family x task
 training times and technique x family x task cell times, refined from the times the store
 recorded). A cell is released the moment its organism lands in the zoo (a control cell
 too: it needs the organism's metadata for the gate); the cells of an organism that fails the
@@ -11,7 +11,8 @@ every worker stays busy while long organisms train, and results appear from the 
 
 Jobs go through an executor (`local`: a process pool with one torch thread per worker, the
 fastest layout for tiny models on a few cores; `ray`: one Ray task per job, on this machine
-or a cluster, see archbench/ray_executor.py) with a small interface: `capacity` (how many
+or a cluster, see archbench/ray_executor.py; `slurm`: one Slurm job per job through submitit,
+see archbench/slurm_executor.py) with a small interface: `capacity` (how many
 jobs to keep in flight), `submit(tag, fn, args)`, `next_done(timeout) -> (tag, result)`,
 `cancel()` and `close()`. Dependencies and priorities live in the driver alone, so every
 executor gets them. Each cell is isolated: an exception becomes an `error` row with its
