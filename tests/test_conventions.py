@@ -212,3 +212,58 @@ def test_instrumented_model_keeps_its_state_dict_and_init(tokens):
                                          eos_token_id=None, pad_token_id=None))
     ours, theirs = adapter.model.state_dict(), plain.state_dict()
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+# ---- `archbench inspect` and `archbench zoo ls` --------------------------------------------------
+
+def test_inspect_lists_tl_names_and_loads_only_the_requested_adapter(capsys, monkeypatch):
+    from archbench import registry
+    from archbench.cli import main
+
+    loaded = []
+    real_get = registry.get
+    monkeypatch.setattr(registry, "get", lambda kind, name: loaded.append((kind, name)) or real_get(kind, name))
+    assert main(["inspect", "transformer", "--task", "modadd"]) == 0
+    assert [name for kind, name in loaded if kind == "adapters"] == ["transformer"]
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("TransformerLens name "))
+    row = next(line for line in lines[head:] if line.startswith("blocks.0.attn.hook_pattern "))
+    assert row.split("  ")[0].strip() == "blocks.0.attn.hook_pattern"
+    assert [c.strip() for c in row.split("  ") if c.strip()] == [
+        "blocks.0.attn.hook_pattern", "blocks.0.attn.pattern", "batch, head, query_pos, key_pos", "(2, 4, 3, 3)"]
+    assert lines[head + 1].startswith("-----")
+
+
+def _columns(rule: str) -> list[tuple[int, int]]:
+    """(start, end) of each column, from the rule of dashes under the header."""
+    import re
+
+    return [m.span() for m in re.finditer(r"-+", rule)]
+
+
+def test_zoo_ls_is_an_aligned_table_with_gate_status(capsys):
+    from archbench import zoo
+    from archbench.cli import main
+
+    zoo.plant("transformer", "modadd", 0, accuracy=1.0)
+    zoo.plant("transformer", "modadd", 1, accuracy=0.8996)  # reads 0.899, and fails the 0.90 gate
+    assert main(["zoo", "ls"]) == 0
+    header, rule, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["arch", "task", "seed", "accuracy", "gate", "0.90", "stopped", "steps", "seconds", "path"]
+    spans = _columns(rule)
+    cells = [[row[a:b].strip() for a, b in spans[:-1]] + [row[spans[-1][0]:].strip()] for row in rows]
+    assert [c[:6] for c in cells] == [["transformer", "modadd", "0", "1.000", "pass", "?"],
+                                      ["transformer", "modadd", "1", "0.899", "fail", "?"]]
+    assert all(c[8].endswith(("seed0-" + c[8].rsplit("-", 1)[-1], "seed1-" + c[8].rsplit("-", 1)[-1])) for c in cells)
+    assert main(["zoo", "ls", "--gate", "0.85"]) == 0  # the status follows the gate asked for
+    header, _, *rows = capsys.readouterr().out.splitlines()
+    assert "gate 0.85" in header and all(" pass " in row for row in rows)
+
+
+def test_zoo_ls_of_an_empty_cache_says_how_to_fill_it(capsys):
+    from archbench.cli import main
+
+    assert main(["zoo", "ls"]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines()[0].split()[:2] == ["arch", "task"] and len(out.out.splitlines()) == 2
+    assert "zoo build" in out.err and out.err.count("\n") == 1
