@@ -97,7 +97,8 @@ def figure_captions(names) -> dict[str, list[tuple[str, str]]]:
         elif name.startswith("depth_"):
             tech = name[len("depth_"):-len(".png")]
             out.setdefault(f"task-{tech}", []).append(
-                (name, f"{tech}: best site per depth, trained (solid) and random-init control (dotted)."))
+                (name, f"{tech}: best site per depth, trained (solid) and random-init control (dotted); "
+                       "bands: 95% t-intervals over seeds."))
     return out
 
 
