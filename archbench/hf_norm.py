@@ -49,6 +49,8 @@ def install(model: nn.Module) -> None:
             continue
         cls = type(module)
         if cls not in _hooked_classes:
-            _hooked_classes[cls] = type(f"Hooked{cls.__name__}", (HookedNorm, cls), {"__module__": __name__})
+            name = f"Hooked{cls.__name__}"
+            _hooked_classes[cls] = globals()[name] = type(name, (HookedNorm, cls), {"__module__": __name__})
+            # a module attribute under its own name, so a pickled model finds its class again
         module.__class__ = _hooked_classes[cls]  # a class swap: no new parameters, no RNG draw
         module.hook_normalized = HookPoint()

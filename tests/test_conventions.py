@@ -267,3 +267,12 @@ def test_zoo_ls_of_an_empty_cache_says_how_to_fill_it(capsys):
     out = capsys.readouterr()
     assert out.out.splitlines()[0].split()[:2] == ["arch", "task"] and len(out.out.splitlines()) == 2
     assert "zoo build" in out.err and out.err.count("\n") == 1
+
+
+def test_instrumented_classes_are_importable_by_name(gpt, tokens):
+    import pickle  # in memory only: checks that the swapped classes resolve by name (process pools)
+
+    again = pickle.loads(pickle.dumps(gpt.model))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=tokens, use_cache=False).logits, wrapped_logits(gpt, tokens))
+    assert type(again.model.norm).__name__ == "HookedLlamaRMSNorm"
