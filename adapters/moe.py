@@ -19,7 +19,7 @@ the softmax and top-k, so an intervention on `blocks.{i}.moe.router` re-routes t
 
 Hook points beyond the transformer's: `blocks.{i}.moe.router` (gate logits, role router),
 `blocks.{i}.moe.experts.{e}.out` (expert e's output before weighting, role expert) and
-`blocks.{i}.moe.out` (the weighted sum, role mlp). The experts are nested inside
+`blocks.{i}.moe.out` (the weighted sum, role mlp; TransformerLens alias `blocks.{i}.hook_mlp_out`). The experts are nested inside
 `blocks.{i}.moe.out`: role `expert` keeps them readable and patchable by name or role, but
 it is not a component role, so block-level techniques (ablation) see one `mlp` component
 per block, the granularity of every other family, and never count an expert twice.
@@ -151,6 +151,11 @@ class MoEAdapter(TransformerAdapter):
             sites[f"blocks.{i}.moe.experts.{e}.out"] = Site(hook, to_canonical=self._unflatten,
                                                             from_canonical=self._flatten)
         return sites
+
+    def _mlp_aliases(self) -> list[tuple]:
+        # TransformerLens hooks an expert's hidden activation, not its output, and its MoE
+        # router hooks differ by version: only the block's output has a TransformerLens name
+        return [("hook_mlp_out", "moe.out")]
 
     def _unflatten(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(*self._bt, *t.shape[1:])  # (S, *f) -> (B, T, *f)

@@ -9,6 +9,20 @@ few hundred. Attention runs through archbench's
 editable eager attention (`archbench.hf_attention`), so `blocks.{i}.attn.pattern` can be
 cached and intervened on. References: Touvron et al. 2023 (Llama); Su et al. 2021 (RoPE); Elhage et al. 2021
 (the residual-stream vocabulary: resid_pre / resid_mid / resid_post).
+
+Hook points per block, all readable and editable: `resid_pre`; `attn_norm.normalized` (the
+RMSNorm's x / rms(x), before its weight); `attn.q`, `attn.k`, `attn.v` (the projections,
+before the rotary embedding) and `attn.rot_q`, `attn.rot_k` (after it), each (batch, pos,
+head, d_head); `attn.scores` (masked, before the softmax) and `attn.pattern`, each (batch,
+pos, head, key_pos); `attn.z` (the heads' weighted values, (batch, pos, head, d_head));
+`attn.head_out` (each head's term of the output projection, (batch, pos, head, d_model), summing
+to `attn.out` less the projection's bias); `attn.out`; `resid_mid`; `mlp_norm.normalized`;
+`mlp.gate`, `mlp.up` (the SwiGLU's two input projections) and `mlp.hidden` (the down
+projection's input), each (batch, pos, d_mlp); `mlp.out`; `resid_post`. Then
+`final_norm.normalized` and `logits`. Every one of them also answers to its TransformerLens
+name (`blocks.0.hook_resid_post`, `blocks.0.attn.hook_pattern` as (batch, head, query_pos,
+key_pos), ...): `aliases()`, `archbench.aliases`. Reading any of them leaves the logits bit
+for bit the same.
 """
 
 from __future__ import annotations
@@ -20,18 +34,33 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from archbench import hf_attention
+from archbench import hf_attention, hf_norm
 from archbench.adapter import Adapter, Site
+from archbench.aliases import HEADS_FIRST, Alias, TLAliases, alias_table, tl_rows
 from archbench.hooks import HookSpec
 
 D = ("batch", "pos", "d_model")
+HEADS = ("batch", "pos", "head", "d_head")
+MLP_HIDDEN = ("batch", "pos", "d_mlp")
 
 
 def _heads_last(pattern: torch.Tensor) -> torch.Tensor:
-    return pattern.permute(0, 2, 1, 3)  # (B, nh, q, k) -> (B, q, nh, k)
+    return pattern.permute(0, 2, 1, 3)  # (B, nh, q, k) -> (B, q, nh, k), and back
 
 
-class TransformerAdapter(Adapter):
+def _swap_pos_heads(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, 2)  # (B, nh, T, hs) -> (B, T, nh, hs), and back
+
+
+def _split_heads(d_head: int):
+    return lambda t: t.reshape(*t.shape[:2], -1, d_head)  # (B, T, nh * hs) -> (B, T, nh, hs)
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(*t.shape[:2], -1).contiguous()  # (B, T, nh, hs) -> (B, T, nh * hs)
+
+
+class TransformerAdapter(TLAliases, Adapter):
     family = "transformer"
     capabilities = frozenset({"gradients", "trainable", "attention", "readout"})
     default_config = {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_mlp": 128}
@@ -42,6 +71,10 @@ class TransformerAdapter(Adapter):
         "modadd": {"steps": 3000, "lr": 3e-3, "weight_decay": 1.0, "n_train": 8192, "grad_clip": 1.0},
         "parity": {"steps": 2500},
     }
+
+    def __init__(self, model, config: dict[str, Any]):
+        hf_norm.install(model)  # here, not in _prepare, so that subclasses (MoE) get it too
+        super().__init__(model, config)
 
     @classmethod
     def build_model(cls, config: dict[str, Any]) -> LlamaForCausalLM:
@@ -77,36 +110,78 @@ class TransformerAdapter(Adapter):
     def hook_points(self) -> list[HookSpec]:
         specs = [HookSpec("embed", "embed", D, layer=0)]
         for i in range(self.config["n_layers"]):
+            b = f"blocks.{i}"
             specs += [
-                HookSpec(f"blocks.{i}.resid_pre", "other", D, layer=i),
-                HookSpec(f"blocks.{i}.attn.pattern", "attn_pattern",
-                         ("batch", "pos", "head", "key_pos"), layer=i),
-                HookSpec(f"blocks.{i}.attn.out", "mixer", D, layer=i),
-                HookSpec(f"blocks.{i}.resid_mid", "other", D, layer=i),
+                HookSpec(f"{b}.resid_pre", "other", D, layer=i),
+                HookSpec(f"{b}.attn_norm.normalized", "other", D, layer=i),
+                *[HookSpec(f"{b}.attn.{x}", "other", HEADS, layer=i) for x in ("q", "k", "v", "rot_q", "rot_k")],
+                HookSpec(f"{b}.attn.scores", "other", ("batch", "pos", "head", "key_pos"), layer=i),
+                HookSpec(f"{b}.attn.pattern", "attn_pattern", ("batch", "pos", "head", "key_pos"), layer=i),
+                HookSpec(f"{b}.attn.z", "other", HEADS, layer=i),
+                HookSpec(f"{b}.attn.head_out", "other", ("batch", "pos", "head", "d_model"), layer=i),
+                HookSpec(f"{b}.attn.out", "mixer", D, layer=i),
+                HookSpec(f"{b}.resid_mid", "other", D, layer=i),
+                HookSpec(f"{b}.mlp_norm.normalized", "other", D, layer=i),
                 *self._mlp_specs(i),
-                HookSpec(f"blocks.{i}.resid_post", "stream", D, layer=i + 1),
+                HookSpec(f"{b}.resid_post", "stream", D, layer=i + 1),
             ]
-        return specs + [HookSpec("logits", "logits", ("batch", "pos", "vocab"),
-                                 layer=self.config["n_layers"] + 1)]
+        n = self.config["n_layers"]
+        return specs + [HookSpec("final_norm.normalized", "other", D, layer=n),
+                        HookSpec("logits", "logits", ("batch", "pos", "vocab"), layer=n + 1)]
 
     def sites(self) -> dict[str, Site]:
         llama = self.model.model
-        sites = {"embed": Site(llama.embed_tokens), "logits": Site(self.model.lm_head)}
+        sites = {"embed": Site(llama.embed_tokens), "logits": Site(self.model.lm_head),
+                 "final_norm.normalized": Site(llama.norm.hook_normalized)}
         for i, block in enumerate(llama.layers):
+            b, attn = f"blocks.{i}", block.self_attn
+            split = _split_heads(attn.head_dim)
+            heads = lambda module: Site(module, to_canonical=split, from_canonical=_merge_heads)  # noqa: E731
+            rotated = lambda hook: Site(hook, to_canonical=_swap_pos_heads, from_canonical=_swap_pos_heads)  # noqa: E731
             sites.update({
-                f"blocks.{i}.resid_pre": Site(block, where="input"),
-                f"blocks.{i}.attn.pattern": Site(block.self_attn.hook_pattern, to_canonical=_heads_last,
-                                                 from_canonical=_heads_last),
-                f"blocks.{i}.attn.out": Site(block.self_attn, index=0),
-                f"blocks.{i}.resid_mid": Site(block.post_attention_layernorm, where="input"),
+                f"{b}.resid_pre": Site(block, where="input"),
+                f"{b}.attn_norm.normalized": Site(block.input_layernorm.hook_normalized),
+                f"{b}.attn.q": heads(attn.q_proj), f"{b}.attn.k": heads(attn.k_proj), f"{b}.attn.v": heads(attn.v_proj),
+                f"{b}.attn.rot_q": rotated(attn.hook_rot_q), f"{b}.attn.rot_k": rotated(attn.hook_rot_k),
+                f"{b}.attn.scores": Site(attn.hook_scores, to_canonical=_heads_last, from_canonical=_heads_last),
+                f"{b}.attn.pattern": Site(attn.hook_pattern, to_canonical=_heads_last, from_canonical=_heads_last),
+                f"{b}.attn.z": Site(attn.o_proj, where="input", to_canonical=split, from_canonical=_merge_heads),
+                f"{b}.attn.head_out": Site(attn.o_proj.hook_result),
+                f"{b}.attn.out": Site(attn, index=0),
+                f"{b}.resid_mid": Site(block.post_attention_layernorm, where="input"),
+                f"{b}.mlp_norm.normalized": Site(block.post_attention_layernorm.hook_normalized),
                 **self._mlp_sites(i, block),
-                f"blocks.{i}.resid_post": Site(block),
+                f"{b}.resid_post": Site(block),
             })
         return sites
 
-    # The feed-forward part of a block: one dense MLP here; the MoE adapter overrides both.
+    def aliases(self) -> dict[str, Alias]:
+        """TransformerLens's hook names (HookedTransformer, rotary models) -> these hook points."""
+        rows = [("hook_embed", "embed")]
+        for i in range(self.config["n_layers"]):
+            rows += tl_rows(f"blocks.{i}", [
+                ("hook_resid_pre", "resid_pre"), ("ln1.hook_normalized", "attn_norm.normalized"),
+                ("attn.hook_q", "attn.q"), ("attn.hook_k", "attn.k"), ("attn.hook_v", "attn.v"),
+                ("attn.hook_rot_q", "attn.rot_q"), ("attn.hook_rot_k", "attn.rot_k"),
+                ("attn.hook_attn_scores", "attn.scores", HEADS_FIRST), ("attn.hook_pattern", "attn.pattern", HEADS_FIRST),
+                ("attn.hook_z", "attn.z"), ("attn.hook_result", "attn.head_out"), ("hook_attn_out", "attn.out"),
+                ("hook_resid_mid", "resid_mid"), ("ln2.hook_normalized", "mlp_norm.normalized"),
+                *self._mlp_aliases(), ("hook_resid_post", "resid_post")])
+        rows.append(("ln_final.hook_normalized", "final_norm.normalized"))
+        return alias_table(rows, self.specs)
+
+    # The feed-forward part of a block: one dense SwiGLU MLP here; the MoE adapter overrides these.
     def _mlp_specs(self, i: int) -> list[HookSpec]:
-        return [HookSpec(f"blocks.{i}.mlp.out", "mlp", D, layer=i)]
+        return [HookSpec(f"blocks.{i}.mlp.{x}", "other", MLP_HIDDEN, layer=i) for x in ("gate", "up", "hidden")] + [
+            HookSpec(f"blocks.{i}.mlp.out", "mlp", D, layer=i)]
 
     def _mlp_sites(self, i: int, block) -> dict[str, Site]:
-        return {f"blocks.{i}.mlp.out": Site(block.mlp)}
+        mlp = block.mlp
+        return {f"blocks.{i}.mlp.gate": Site(mlp.gate_proj), f"blocks.{i}.mlp.up": Site(mlp.up_proj),
+                f"blocks.{i}.mlp.hidden": Site(mlp.down_proj, where="input"), f"blocks.{i}.mlp.out": Site(mlp)}
+
+    def _mlp_aliases(self) -> list[tuple]:
+        """(TransformerLens suffix, archbench suffix) pairs under `blocks.{i}` (gated MLP:
+        hook_pre is the gate's pre-activation, hook_pre_linear the linear branch)."""
+        return [("mlp.hook_pre", "mlp.gate"), ("mlp.hook_pre_linear", "mlp.up"), ("mlp.hook_post", "mlp.hidden"),
+                ("hook_mlp_out", "mlp.out")]

@@ -91,17 +91,67 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
+    """Lines of an aligned text table: a header, a rule, the rows (columns in `right` right-aligned)."""
+    widths = [max([len(h)] + [len(r[j]) for r in rows]) for j, h in enumerate(header)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if j in right else c.ljust(w) for j, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+
+
 def cmd_inspect(args) -> int:
+    # registry.adapter imports the one module its lazy table names for `arch`, not every adapter
     arch = _names("adapters", args.arch)[0]
     task = registry.task(_names("tasks", args.task)[0])
     adapter = registry.adapter(arch).for_task(task, seed=0)
     out = adapter.run(task.sample(2, 0).tokens, cache="all")
     print(f"{arch} on {task.name} (vocab {task.vocab_size}, length {task.seq_len}); "
           f"capabilities: {', '.join(sorted(adapter.capabilities))}")
-    print(f"{'hook point':<32} {'role':<13} {'axes':<44} shape")
-    for spec in adapter.hook_points():
-        shape = tuple(out.cache[spec.name].shape) if spec.name in out.cache else "-"
-        print(f"{spec.name:<32} {spec.role:<13} {', '.join(spec.axes):<44} {shape}")
+    shapes = {n: tuple(t.shape) for n, t in out.cache.items()}
+    rows = [[s.name, s.role, ", ".join(s.axes), str(shapes.get(s.name, "-"))] for s in adapter.hook_points()]
+    print("\n".join(_table(["hook point", "role", "axes", "shape"], rows)))
+    aliases = adapter.aliases() if hasattr(adapter, "aliases") else {}
+    if aliases:
+        print(f"\nTransformerLens names ({len(aliases)}), accepted wherever a hook name is:")
+        rows = [[a.name, a.target, ", ".join(a.axes),
+                 str(tuple(shapes[a.target][k] for k in a.perm) if a.perm and a.target in shapes
+                     else shapes.get(a.target, "-"))] for a in aliases.values()]
+        print("\n".join(_table(["TransformerLens name", "hook point", "axes", "shape"], rows)))
+    return 0
+
+
+def _organism_rows(rows: list[dict], gate: float) -> list[list[str]]:
+    """`zoo ls` rows: accuracy rounded down (0.8996 never reads as passing 0.90), gate status."""
+    import math
+
+    from archbench import zoo
+
+    def shown(x, fmt="{}"):
+        return "?" if x is None else fmt.format(x)
+
+    out = []
+    for r in rows:
+        acc = r.get("accuracy")
+        ok = isinstance(acc, (int, float))
+        status = "?" if not ok else "pass" if zoo.gate_reason({"accuracy": acc}, gate) is None else "fail"
+        out.append([shown(r.get("arch")), shown(r.get("task")), shown(r.get("seed")),
+                    f"{math.floor(acc * 1000) / 1000:.3f}" if ok else "?", status, shown(r.get("stopped")),
+                    shown(r.get("steps")), shown(r.get("seconds"), "{:.1f}"), shown(r.get("path"))])
+    return out
+
+
+def cmd_zoo_ls(args) -> int:
+    """The cached organisms as an aligned table with their behavioural-gate status."""
+    from archbench import zoo
+
+    gate = zoo.DEFAULT_GATE if getattr(args, "gate", None) is None else args.gate
+    rows = _organism_rows(zoo.list_organisms(), gate)
+    header = ["arch", "task", "seed", "accuracy", f"gate {gate:.2f}", "stopped", "steps", "seconds", "path"]
+    print("\n".join(_table(header, rows, right={2, 3, 6, 7})))
+    if not rows:
+        print(f"archbench: no organisms in {zoo.cache_root() / 'organisms'}; `archbench zoo build` trains them",
+              file=sys.stderr)
     return 0
 
 
@@ -240,13 +290,10 @@ def cmd_cite(args) -> int:
 
 
 def cmd_zoo(args) -> int:
+    if args.action == "ls":
+        return cmd_zoo_ls(args)
     from archbench import runner, zoo
 
-    if args.action == "ls":
-        for row in zoo.list_organisms():
-            print(f"{row['arch']:<12} {row['task']:<8} seed {row['seed']:<3} accuracy {row['accuracy']:.3f} "
-                  f"steps {row['steps']:<5} {row['seconds']:.1f} s  {row['path']}")
-        return 0
     archs, tasks = _names("adapters", args.arch), _names("tasks", args.task)
     calls = [(a, k, s, args.gate) for a in archs for k in tasks for s in range(args.seeds)]
 

@@ -1,23 +1,39 @@
-"""Eager attention with an editable pattern, registered with transformers' attention interface.
+"""Eager attention with editable internals, registered with transformers' attention interface.
 
 transformers' own eager attention returns the attention weights only as a by-product: editing
 the returned pattern cannot change the output. This function is the same computation
-(scores, additive mask, softmax, dropout, weighted sum, grouped-query heads) but passes the
-pattern through `module.hook_pattern` (a HookPoint) before it weights the values, so caching
-reads it and interventions on `blocks.{i}.attn.pattern` take effect. Registered under the name
-"archbench_eager", with transformers' eager mask (an additive float mask).
+(scores, additive mask, softmax, dropout, weighted sum, grouped-query heads) but passes its
+intermediate values through HookPoints of the attention module, so caching reads them and
+interventions take effect:
+
+  module.hook_rot_q, hook_rot_k   queries and keys as the function receives them: after the
+                                  rotary embedding where the model has one (B, heads, T, d_head)
+  module.hook_scores              scaled, masked scores before the softmax (B, heads, T, T)
+  module.hook_pattern             the softmax pattern before it weights the values (B, heads, T, T)
+
+A module without these attributes (the looped adapter's GPT-2 attention uses only the
+function) runs the plain computation. Registered under the name "archbench_eager", with
+transformers' eager mask (an additive float mask).
+
+`install` also turns each attention module's `o_proj` (Llama, Mixtral) into a `HeadedLinear`: the
+same `nn.Linear` (same parameters, same state-dict keys, the same fused product) that, only
+while its `hook_result` HookPoint is hooked, splits its output into per-head terms
+(TransformerLens's `hook_result`). An edit of a head's term is added to the fused output as a
+difference, so reading the heads never changes the logits by a rounding error.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from archbench.hooks import HookPoint
 
 NAME = "archbench_eager"
+HOOKS = ("hook_rot_q", "hook_rot_k", "hook_scores", "hook_pattern")
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -28,8 +44,14 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
 
+def _through(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    hook = getattr(module, name, None)
+    return x if hook is None else hook(x)
+
+
 def hooked_eager_attention(module: nn.Module, query, key, value, attention_mask,
                            scaling=None, dropout=0.0, **kwargs):
+    query, key = _through(module, "hook_rot_q", query), _through(module, "hook_rot_k", key)
     n_rep = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)  # (B, nh, T, hs)
     if scaling is None:
@@ -37,22 +59,57 @@ def hooked_eager_attention(module: nn.Module, query, key, value, attention_mask,
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, nh, T, T)
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    scores = _through(module, "hook_scores", scores)
     pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (B, nh, T, T)
-    hook = getattr(module, "hook_pattern", None)
-    if hook is not None:
-        pattern = hook(pattern)
+    pattern = _through(module, "hook_pattern", pattern)
     weights = nn.functional.dropout(pattern, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, T, nh, hs)
     return out, pattern
 
 
+class HeadedLinear(nn.Linear):
+    """An attention output projection whose per-head terms are a hook point.
+
+    Its forward is `nn.Linear`'s. While `hook_result` is hooked it also computes
+    result[b, t, h] = W_O[:, h-th d_head block] @ z[b, t, h] (batch, pos, head, d_model; the
+    bias is not split, as in TransformerLens), passes it through `hook_result`, and adds any
+    edit to the fused output as (edited - result) summed over heads: unedited, the output is
+    the fused product bit for bit; with head h zeroed it is the other heads' sum (to rounding).
+    """
+
+    n_heads: int
+    d_head: int
+    hook_result: HookPoint
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = F.linear(z, self.weight, self.bias)  # (B, T, d_model): nn.Linear's own forward
+        if not self.hook_result.hooked:
+            return out
+        heads = z.reshape(*z.shape[:-1], self.n_heads, self.d_head)  # (B, T, nh, hs)
+        w = self.weight.view(self.out_features, self.n_heads, self.d_head)  # (d_model, nh, hs)
+        result = torch.einsum("btnh,dnh->btnd", heads, w)  # (B, T, nh, d_model)
+        edited = self.hook_result(result)
+        if edited is result:  # read, not edited: HookPoint is the identity
+            return out
+        return out + (edited - result).sum(-2)
+
+
 def install(model: nn.Module, attention_class: type) -> list[HookPoint]:
-    """Give every `attention_class` module a `hook_pattern` HookPoint; return them in order."""
+    """Give every `attention_class` module its HookPoints and a `HeadedLinear` output projection;
+    return the pattern HookPoints in order. Adds no parameters and changes no state-dict key."""
     points = []
     for module in model.modules():
         if isinstance(module, attention_class):
-            if not hasattr(module, "hook_pattern"):
-                module.hook_pattern = HookPoint()
+            for name in HOOKS:
+                if not hasattr(module, name):
+                    setattr(module, name, HookPoint())
+            proj = getattr(module, "o_proj", None)  # BERT's projection lives outside its self-attention
+            if isinstance(proj, nn.Linear) and not isinstance(proj, HeadedLinear):
+                # a class swap, not a new module: the same parameters, and no draw from the RNG
+                proj.__class__ = HeadedLinear
+                proj.d_head = module.head_dim
+                proj.n_heads = proj.in_features // module.head_dim
+                proj.hook_result = HookPoint()
             points.append(module.hook_pattern)
     return points
 

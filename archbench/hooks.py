@@ -158,3 +158,9 @@ class HookPoint(torch.nn.Identity):
     (an attention pattern, a recurrent state) so that the generic forward-hook machinery
     can read and replace it.
     """
+
+    @property
+    def hooked(self) -> bool:
+        """Whether a hook is attached now: code that must do extra work to expose a value
+        (a per-head split of a fused projection) does it only then."""
+        return bool(self._forward_hooks or self._forward_pre_hooks)

@@ -5,10 +5,11 @@
 (`archbench.figures`), and writes into the results directory:
 
   LEADERBOARD.md     the tables in Markdown (this module), figures linked
-  leaderboard.tex    a standalone booktabs document (`archbench.report_latex`)
+  leaderboard.tex    a standalone booktabs document that inputs leaderboard_table.tex
+  leaderboard_table.tex  the booktabs tables alone, to input into a paper (`archbench.report_latex`)
   cells.csv          one tidy row per cell (this module)
   index.html         one self-contained page, sortable tables, figures inline (`archbench.report_html`)
-  figures/*.png      transfer heatmap, score-by-depth panels per technique
+  figures/*.{png,svg,pdf}  transfer heatmap, score-by-depth panels per technique
 
 It never runs a model or recomputes a cell, and it renders stores that hold `error` and
 `n/a` rows. Output depends only on the store and the settings, so rendering twice gives the
@@ -98,7 +99,8 @@ def figure_captions(names) -> dict[str, list[tuple[str, str]]]:
         elif name.startswith("depth_"):
             tech = name[len("depth_"):-len(".png")]
             out.setdefault(f"task-{tech}", []).append(
-                (name, f"{tech}: best site per depth, trained (solid) and random-init control (dotted)."))
+                (name, f"{tech}: best site per depth, trained (solid) and random-init control (dotted); "
+                       "bands: 95% t-intervals over seeds."))
     return out
 
 
@@ -147,16 +149,19 @@ def write(results_dir: str | Path, settings: verdict.Settings = verdict.Settings
         board.write_text(f"# {TITLE}\n\n_the store holds no cells yet_\n")
         return board
     tabs = build_tables(d)
-    pngs = figs.render(d.cells, d.summary, settings) if {"png", "html"} & set(formats) else {}
-    if "png" in formats:
+    drawn = figs.render(d.cells, d.summary, settings, figs.FORMATS if "png" in formats else ("png",)) \
+        if {"png", "html"} & set(formats) else {}
+    pngs = {name: data for name, data in drawn.items() if name.endswith(".png")}
+    if "png" in formats:  # each figure as PNG, and as SVG and PDF for papers
         (root / "figures").mkdir(exist_ok=True)
-        for name, png in pngs.items():
-            (root / "figures" / name).write_bytes(png)
+        for name, data in drawn.items():
+            (root / "figures" / name).write_bytes(data)
     captions = figure_captions(pngs) if "png" in formats else {}
     if "md" in formats:
         board.write_text(markdown(tabs, settings, captions))
     if "tex" in formats:
-        tex_figs = {k: [(f"figures/{n}", c) for n, c in v] for k, v in captions.items()}
+        tex_figs = {k: [(f"figures/{n.removesuffix('.png')}.pdf", c) for n, c in v] for k, v in captions.items()}
+        (root / f"{report_latex.TABLES_FILE}.tex").write_text(report_latex.tables_file(TITLE, tabs))
         (root / "leaderboard.tex").write_text(report_latex.render(TITLE, intro(settings), tabs, tex_figs))
     if "csv" in formats:
         cells_frame(d.cells).to_csv(root / "cells.csv", index=False)

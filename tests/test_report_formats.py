@@ -96,13 +96,13 @@ def md_row(text, first):
 
 
 def test_every_file_is_written(written):
-    for name in ("LEADERBOARD.md", "leaderboard.tex", "cells.csv", "index.html",
+    for name in ("LEADERBOARD.md", "leaderboard.tex", "leaderboard_table.tex", "cells.csv", "index.html",
                  "figures/transfer_matrix.png", "figures/depth_probe.png", "figures/depth_patching.png",
                  "figures/depth_cka.png"):
         assert (written / name).stat().st_size > 0, name
         if name.endswith(".png"):
             assert (written / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (written / "figures" / "depth_attribution.png").exists()  # no per-depth details
+    assert not list((written / "figures").glob("depth_attribution.*"))  # no per-depth details
 
 
 def test_markdown_holds_the_known_numbers(written):
@@ -156,16 +156,48 @@ def test_cells_csv_is_one_tidy_row_per_cell(written):
 
 
 def test_latex_is_escaped_and_balanced(written):
-    tex = (written / "leaderboard.tex").read_text()
-    assert tex.startswith(r"\documentclass") and tex.rstrip().endswith(r"\end{document}")
-    assert r"logit\_lens" in tex and r"\usepackage{booktabs" in tex and r"\toprule" in tex
-    body = "\n".join(line for line in tex.splitlines() if "includegraphics" not in line)
+    doc = (written / "leaderboard.tex").read_text()
+    assert doc.startswith(r"\documentclass") and doc.rstrip().endswith(r"\end{document}")
+    assert r"\usepackage{booktabs" in doc and r"\input{leaderboard_table}" in doc
+    tex = doc + (written / "leaderboard_table.tex").read_text()
+    assert r"logit\_lens" in tex and r"\toprule" in tex
+    body = "\n".join(line for line in tex.splitlines()  # file names keep their underscores
+                     if "includegraphics" not in line and "leaderboard_table" not in line)
     assert not re.search(r"(?<!\\)_", body), "an unescaped underscore"
     assert not re.search(r"[✓◐✗∅ρ]", tex)  # glyphs become math symbols
     assert body.count("{") == body.count("}")
     for env in ("tabular", "longtable", "center"):
         assert tex.count(rf"\begin{{{env}}}") == tex.count(rf"\end{{{env}}}") > 0
     assert escape("a_b & 50% #1 {x} ~ ^ \\") == r"a\_b \& 50\% \#1 \{x\} \textasciitilde{} \textasciicircum{} \textbackslash{}"
+
+
+def test_latex_tables_file_is_the_tables_alone(written):
+    tables = (written / "leaderboard_table.tex").read_text()
+    doc = (written / "leaderboard.tex").read_text()
+    code = "\n".join(line for line in tables.splitlines() if not line.startswith("%"))
+    for preamble in (r"\documentclass", r"\usepackage", r"\begin{document}", r"\end{document}", r"\section"):
+        assert preamble not in code, preamble
+    assert r"\usepackage{booktabs,longtable,array,amssymb,graphicx}" in tables.splitlines()[1]  # says what it needs
+    # matrix tables are captioned, labelled floats; long lists captioned longtables
+    assert code.count(r"\begin{table}") == 3 and code.count(r"\begin{longtable}") == 7  # 5 techniques, errors, provenance
+    for key in ("transfer", "behaviour", "similarity", "task-probe", "task-logit-lens", "provenance"):
+        assert rf"\label{{tab:{key}}}" in code, key
+    assert re.search(r"\\begin\{longtable\}\{[^\n]*\}\n\\caption\[\{probe: scores per task\}\]\{.*\}\\label\{tab:task-probe\} \\\\", code)
+    assert r"\checkmark{} transfers" in code.split(r"\label{tab:transfer}")[0]  # the legend travels with the matrix
+    assert r"\toprule" not in doc  # the document inputs the tables rather than repeating them
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
+def test_latex_tables_input_into_a_paper(written, tmp_path):
+    shutil.copy(written / "leaderboard_table.tex", tmp_path)
+    (tmp_path / "paper.tex").write_text(
+        "\\documentclass{article}\n\\usepackage{booktabs,longtable,array,amssymb,graphicx}\n\\begin{document}\n"
+        "Table~\\ref{tab:transfer} shows the transfer matrix.\n\\input{leaderboard_table}\n\\end{document}\n")
+    for _ in range(2):  # the second pass resolves \ref
+        out = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "paper.tex"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout[-3000:]
+    assert "undefined references" not in out.stdout and (tmp_path / "paper.pdf").stat().st_size > 0
 
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
@@ -206,13 +238,99 @@ def test_html_is_self_contained_and_sortable(written):
     assert "addEventListener" in text and re.search(rf"◐ ρ=0.50<br>{CI}", text)
 
 
+def _cells_of(text: str) -> list[tuple[str, str]]:
+    """(class attribute, text) of every <td> of a page."""
+    return [(m.group(1) or "", html.unescape(re.sub(r"<[^>]+>", " ", m.group(2))).strip())
+            for m in re.finditer(r'<td(?: class="([^"]*)"[^>]*)?>(.*?)</td>', text)]
+
+
+def test_html_colours_verdict_cells_with_a_legend(written):
+    from archbench.report_html import STYLE, VERDICT_COLOURS, slug
+    from archbench.verdict import GLYPHS
+
+    text = (written / "index.html").read_text()
+    glyph_class = {g: f"v-{slug(v)}" for v, g in GLYPHS.items()}
+    coloured = [(c, t) for c, t in _cells_of(text) if c]
+    assert coloured and all(c == glyph_class[t[0]] for c, t in coloured)  # the class is the glyph's verdict
+    transfer = text[text.index('<section id="transfer">'):text.index('<section id="behaviour">')]
+    assert {c for c, _ in _cells_of(transfer) if c} == {"v-transfers", "v-partial", "v-no-reference"}
+    assert all(c for c, t in _cells_of(transfer) if t[:1] in glyph_class)  # every verdict cell is coloured
+    probe = text[text.index('<section id="task-probe">'):]
+    probe = probe[:probe.index("</section>")]
+    assert ("v-partial", "◐ partial") in _cells_of(probe) and ("v-transfers", "✓* transfers") in _cells_of(probe)
+    behaviour = text[text.index('<section id="behaviour">'):text.index('<section id="similarity">')]
+    assert not any(c for c, _ in _cells_of(behaviour))  # "… 2/3 pass ✗" is a count, not a verdict
+    for v, colour in VERDICT_COLOURS.items():  # six verdicts, six colours, each in the legend and the style
+        assert f'<span class="v v-{slug(v)}">{GLYPHS[v]} {v}</span>' in text
+        assert f".v-{slug(v)} {{ background: {colour}; }}" in STYLE
+    assert len(set(VERDICT_COLOURS.values())) == len(GLYPHS) == 6
+
+
+def test_figures_in_png_svg_and_pdf(written):
+    for stem in ("transfer_matrix", "depth_probe", "depth_patching", "depth_cka"):
+        assert (written / "figures" / f"{stem}.svg").read_text().lstrip().startswith(("<?xml", "<svg")), stem
+        assert (written / "figures" / f"{stem}.pdf").read_bytes().startswith(b"%PDF-"), stem
+    for svg in (written / "figures").glob("*.svg"):  # self-contained: every reference is internal or inline
+        refs = re.findall(r'href="([^"]*)"', svg.read_text())
+        assert refs and all(r.startswith(("#", "data:image/png;base64,")) for r in refs), svg.name
+    assert "<image" not in (written / "figures" / "depth_probe.svg").read_text()  # lines and bands stay vectors
+    tex = (written / "leaderboard.tex").read_text()
+    assert r"{figures/depth_probe.pdf}" in tex and ".png}" not in tex  # the paper gets vector figures
+
+
+def _depth_cells(values_by_seed, arch="transformer", control=False):
+    import pandas as pd
+
+    return pd.DataFrame([{"technique": "probe", "status": "ok", "arch": arch, "task": "modadd", "seed": seed,
+                          "control": control, "details": depth_details("normalised", values)}
+                         for seed, values in enumerate(values_by_seed)])
+
+
+def test_depth_bands_are_seed_level_t_intervals():
+    import pandas as pd
+    from scipy import stats
+
+    from archbench.figures import depth_frame
+
+    cells = pd.concat([_depth_cells([[0.1, 0.2], [0.1, 0.4], [0.1, 0.6]]), _depth_cells([[0.5, 0.5]], arch="kan")])
+    df = depth_frame(cells, "probe").set_index(["arch", "layer"])
+    half = stats.t.ppf(0.975, 2) * 0.2 / np.sqrt(3)  # values 0.2, 0.4, 0.6: sd 0.2
+    row = df.loc[("transformer", 1)]
+    assert row.value == pytest.approx(0.4) and row.n_seeds == 3
+    assert (row.lo, row.hi) == (pytest.approx(0.4 - half), pytest.approx(0.4 + half))
+    assert df.loc[("transformer", 0)].lo == pytest.approx(0.1)  # no spread, no width
+    assert np.isnan(df.loc[("kan", 1)].lo)  # one seed: no band rather than a made-up one
+
+
+def test_depth_figure_draws_bands_and_puts_the_reference_first():
+    import pandas as pd
+    from matplotlib.collections import PolyCollection
+
+    from archbench.figures import depth_profile_figure
+
+    cells = pd.concat([_depth_cells([[0.2, 0.5], [0.3, 0.7], [0.1, 0.6]], arch="mamba"),
+                       _depth_cells([[0.1, 0.9], [0.2, 0.8], [0.3, 0.95]]),
+                       _depth_cells([[0.0, 0.1], [0.1, 0.0], [0.0, 0.2]], control=True)])
+    fig = depth_profile_figure(cells, "probe", "transformer")
+    ax = fig.axes[0]
+    assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 3  # trained x 2 archs + the control
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert lines["transformer (reference)"].get_linewidth() > lines["mamba"].get_linewidth()
+    assert ax.get_lines()[0].get_label() == "transformer (reference)"  # drawn first
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["transformer (reference)", "mamba"]
+
+
 def test_rendering_is_deterministic_and_reads_only_the_store(written, tmp_path):
     again = tmp_path / "again"
     shutil.copytree(written, again)
-    for name in ("LEADERBOARD.md", "leaderboard.tex", "cells.csv", "index.html"):
+    for name in ("LEADERBOARD.md", "leaderboard.tex", "leaderboard_table.tex", "cells.csv", "index.html"):
         (again / name).unlink()
+    shutil.rmtree(again / "figures")
     report.write(again)
-    for name in ("LEADERBOARD.md", "leaderboard.tex", "cells.csv", "index.html", "figures/depth_probe.png"):
+    for name in ("LEADERBOARD.md", "leaderboard.tex", "leaderboard_table.tex", "cells.csv", "index.html",
+                 "figures/depth_probe.png", "figures/depth_probe.svg", "figures/depth_probe.pdf",
+                 "figures/transfer_matrix.svg", "figures/transfer_matrix.pdf"):
         assert (again / name).read_bytes() == (written / name).read_bytes(), name
 
 
