@@ -102,7 +102,7 @@ def train_organism(arch: str, task_name: str, seed: int, gate: float, no_retrain
             task = registry.task(task_name)
             _, meta = zoo.organism(arch, task, seed, no_retrain=no_retrain)
             out = {"ok": True, "meta": meta, "gate": zoo.gate_reason(meta, gate)}
-        except zoo.CorruptOrganism as exc:
+        except zoo.CorruptOrganism as exc:  # raised only with no_retrain
             out = {"ok": False, "error": str(exc), "refused": str(exc)}
         except Exception:
             out = {"ok": False, "error": traceback.format_exc()}
@@ -150,7 +150,7 @@ def run_cell(spec: RunSpec, gate: float, no_retrain: bool = False) -> dict[str, 
             else:
                 adapter = zoo.control(spec.arch, task, spec.seed) if spec.control else trained
                 row = {"organism_accuracy": meta["accuracy"]} | _scored_row(adapter, spec, task)
-        except zoo.CorruptOrganism as exc:
+        except zoo.CorruptOrganism as exc:  # raised only with no_retrain
             row = {"status": "error", "error": str(exc), "refused": str(exc)}
         except Exception:
             row = {"status": "error", "error": traceback.format_exc()}
