@@ -137,7 +137,8 @@ def _organism_rows(rows: list[dict], gate: float) -> list[list[str]]:
         status = "?" if not ok else "pass" if zoo.gate_reason({"accuracy": acc}, gate) is None else "fail"
         out.append([shown(r.get("arch")), shown(r.get("task")), shown(r.get("seed")),
                     f"{math.floor(acc * 1000) / 1000:.3f}" if ok else "?", status, shown(r.get("stopped")),
-                    shown(r.get("steps")), shown(r.get("seconds"), "{:.1f}"), shown(r.get("path"))])
+                    shown(r.get("steps")), shown(r.get("seconds"), "{:.1f}"), shown(r.get("check")),
+                    shown(r.get("path"))])
     return out
 
 
@@ -145,9 +146,16 @@ def cmd_zoo_ls(args) -> int:
     """The cached organisms as an aligned table with their behavioural-gate status."""
     from archbench import zoo
 
+    given = [flag for flag, name in _ZOO_BUILD_ONLY.items() if getattr(args, name, None) not in (None, False)]
+    if given:
+        raise UsageError(f"{given[0]} is for `zoo build`; `zoo ls` takes only --arch, --task and --gate")
+    archs = set(_names("adapters", args.arch)) if args.arch else None
+    tasks = set(_names("tasks", args.task)) if args.task else None
+    listed = [r for r in zoo.list_organisms()
+              if not (archs and r.get("arch") not in archs) and not (tasks and r.get("task") not in tasks)]
     gate = zoo.DEFAULT_GATE if getattr(args, "gate", None) is None else args.gate
-    rows = _organism_rows(zoo.list_organisms(), gate)
-    header = ["arch", "task", "seed", "accuracy", f"gate {gate:.2f}", "stopped", "steps", "seconds", "path"]
+    rows = _organism_rows(listed, gate)
+    header = ["arch", "task", "seed", "accuracy", f"gate {gate:.2f}", "stopped", "steps", "seconds", "check", "path"]
     print("\n".join(_table(header, rows, right={2, 3, 6, 7})))
     if not rows:
         print(f"archbench: no organisms in {zoo.cache_root() / 'organisms'}; `archbench zoo build` trains them",
@@ -217,8 +225,12 @@ def _matrix_archs(value: str | None) -> list[str]:
     return [a for a in archs if a not in wrappers]
 
 
+def _refusal(exc: Exception) -> str:
+    return f"{exc}; --no-retrain keeps it as it is: rerun without --no-retrain to rebuild it"
+
+
 def cmd_run(args) -> int:
-    from archbench import report, runner
+    from archbench import report, runner, zoo
 
     if not args.matrix:
         raise UsageError("say what to run: `archbench run --matrix` (filters: --arch, --technique, --task)")
@@ -232,8 +244,12 @@ def cmd_run(args) -> int:
     n_seeds = args.seeds or runner.PROFILES[profile]
     results = _results_dir(args.results)
     specs = runner.expand(archs, techniques, tasks, range(n_seeds))
-    summary = runner.run_matrix(specs, results, workers=args.workers, gate=args.gate,
-                                executor=_executor(args), progress=not args.no_progress)
+    try:
+        summary = runner.run_matrix(specs, results, workers=args.workers, gate=args.gate,
+                                    executor=_executor(args), progress=not args.no_progress,
+                                    no_retrain=args.no_retrain)
+    except zoo.CorruptOrganism as exc:
+        raise UsageError(_refusal(exc)) from None
     board = results / "LEADERBOARD.md"
     if summary.skipped < summary.total or not board.exists():  # nothing new: the report stands
         from archbench.technique import SCORING_VERSION
@@ -289,24 +305,34 @@ def cmd_cite(args) -> int:
     return 0
 
 
+_ZOO_BUILD_ONLY = {"--seeds": "seeds", "--workers": "workers", "--no-retrain": "no_retrain"}
+
+
 def cmd_zoo(args) -> int:
     if args.action == "ls":
         return cmd_zoo_ls(args)
     from archbench import runner, zoo
 
-    archs, tasks = _names("adapters", args.arch), _names("tasks", args.task)
-    calls = [(a, k, s, args.gate) for a in archs for k in tasks for s in range(args.seeds)]
+    archs, tasks = _matrix_archs(args.arch), _names("tasks", args.task)
+    gate = zoo.DEFAULT_GATE if args.gate is None else args.gate
+    calls = [(a, k, s, gate, args.no_retrain) for a in archs for k in tasks for s in range(args.seeds or 1)]
+    failed = []
 
     def done(call, out):
+        for message in out.get("warnings") or []:
+            print(f"warning: {message}", file=sys.stderr)
+        if out.get("refused"):
+            raise UsageError(_refusal(out["refused"]))
         if out["ok"]:
             m = out["meta"]
             print(f"{m['arch']:<12} {m['task']:<8} seed {m['seed']:<3} accuracy {m['accuracy']:.3f} "
                   f"{'gate: ' + out['gate'] if out['gate'] else 'passes gate'}")
         else:
-            print(f"{call[:3]}: error {out['error'].strip().splitlines()[-1]}", file=sys.stderr)
+            failed.append(call)
+            print(f"{'/'.join(map(str, call[:3]))}: error {out['error'].strip().splitlines()[-1]}", file=sys.stderr)
 
     runner.LocalExecutor(args.workers or 1).map(runner.train_organism, calls, done)
-    return 0
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gate", type=_fraction, default=0.9, help="held-out accuracy an organism needs (default 0.9)")
     s.add_argument("--results", default="results", help="results directory (default: results)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--no-retrain", action="store_true",
+                   help="stop (exit 2) instead of rebuilding a cached organism that fails its integrity checks")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("report", help="write the leaderboard (md, tex, csv, html, figures) from the store; "
@@ -374,13 +402,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", help="cite what this results directory used (default: everything registered)")
     s.set_defaults(fn=cmd_cite)
 
-    s = sub.add_parser("zoo", help="train organisms into the cache, or list the cache")
+    s = sub.add_parser("zoo", help="train organisms into the cache, or list the cache (with each one's check)",
+                       epilog="example: archbench zoo build --arch transformer --task modadd --seeds 2")
     s.add_argument("action", choices=["build", "ls"])
-    s.add_argument("--arch")
-    s.add_argument("--task")
-    s.add_argument("--seeds", type=_positive, default=1)
-    s.add_argument("--workers", type=_positive)
-    s.add_argument("--gate", type=_fraction, default=0.9)
+    s.add_argument("--arch", help="comma-separated adapters (default: all that train organisms)")
+    s.add_argument("--task", help="comma-separated tasks (default: all)")
+    s.add_argument("--seeds", type=_positive, help="build: number of seeds (default 1)")
+    s.add_argument("--workers", type=_positive, help="build: worker processes (default 1)")
+    s.add_argument("--gate", type=_fraction, help="build: held-out accuracy an organism needs (default 0.9)")
+    s.add_argument("--no-retrain", action="store_true",
+                   help="build: stop (exit 2) instead of rebuilding a cached organism that fails its integrity checks")
     s.set_defaults(fn=cmd_zoo)
     return p
 

@@ -40,7 +40,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from archbench import registry, zoo
+from archbench import integrity, registry, zoo
 from archbench.costs import CostModel
 from archbench.progress import Progress
 from archbench.verdict import Settings as VerdictSettings
@@ -92,14 +92,19 @@ def _warning_lines(caught: list) -> list[str]:
                               for w in caught if str(w.message).strip()))
 
 
-def train_organism(arch: str, task_name: str, seed: int, gate: float) -> dict[str, Any]:
-    """An organism job (in a worker): train or load one organism; return its metadata and gate."""
+def train_organism(arch: str, task_name: str, seed: int, gate: float, no_retrain: bool = False) -> dict[str, Any]:
+    """An organism job (in a worker): train or load one organism; return its metadata and gate.
+
+    With `no_retrain` a cached organism that fails its integrity checks is not rebuilt: the
+    result carries `refused`, the one line saying which file and why."""
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         try:
             task = registry.task(task_name)
-            _, meta = zoo.organism(arch, task, seed)
+            _, meta = zoo.organism(arch, task, seed, no_retrain=no_retrain)
             out = {"ok": True, "meta": meta, "gate": zoo.gate_reason(meta, gate)}
+        except zoo.CorruptOrganism as exc:  # raised only with no_retrain
+            out = {"ok": False, "error": str(exc), "refused": str(exc)}
         except Exception:
             out = {"ok": False, "error": traceback.format_exc()}
     return out | {"wall_s": time.perf_counter() - start, "warnings": _warning_lines(caught)}
@@ -109,29 +114,45 @@ def _gated_row(meta: dict[str, Any], reason: str) -> dict[str, Any]:
     return {"organism_accuracy": meta["accuracy"], "status": "n/a", "reason": f"gate failed: {reason}"}
 
 
-def run_cell(spec: RunSpec, gate: float) -> dict[str, Any]:
-    """A cell job (in a worker): one technique on one organism or control; never raises."""
+def _scored_row(adapter, spec: RunSpec, task) -> dict[str, Any]:
+    """The technique's row on one adapter: ok with a finite score, n/a with a reason, or an
+    error when the model's activations or the technique's numbers are not finite."""
+    problem = integrity.nonfinite_activations(adapter, task, spec.seed)
+    if problem:
+        return {"status": "error", "error": f"{spec.label()}: {problem}"}
+    result = registry.technique(spec.technique)()(adapter, task, spec.seed)
+    if not result.applicable:
+        return {"status": "n/a", "reason": result.reason}
+    problem = integrity.nonfinite_result(result)
+    if problem:
+        return {"status": "error", "error": f"{spec.label()}: {problem}"}
+    return {"status": "ok", "score": float(result.score), "per_example": result.per_example,
+            "metrics": result.metrics, "details": result.details}
+
+
+def run_cell(spec: RunSpec, gate: float, no_retrain: bool = False) -> dict[str, Any]:
+    """A cell job (in a worker): one technique on one organism or control; never raises.
+
+    NaN and infinities never become scores: they make an `error` row (rerun next time).
+    With `no_retrain` an organism that fails its integrity checks makes a row with
+    `refused` (the one line saying which file and why), which the driver stops on."""
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         try:
             task = registry.task(spec.task).for_seed(spec.seed)
             # a control cell needs the organism's metadata (its gate) but not its weights
-            meta = zoo.cached_meta(spec.arch, task, spec.seed) if spec.control else None
+            meta = zoo.cached_meta(spec.arch, task, spec.seed, no_retrain) if spec.control else None
             trained = None
             if meta is None:
-                trained, meta = zoo.organism(spec.arch, task, spec.seed)
+                trained, meta = zoo.organism(spec.arch, task, spec.seed, no_retrain=no_retrain)
             reason = zoo.gate_reason(meta, gate)
             if reason:
                 row = _gated_row(meta, reason)
             else:
-                row = {"organism_accuracy": meta["accuracy"]}
                 adapter = zoo.control(spec.arch, task, spec.seed) if spec.control else trained
-                result = registry.technique(spec.technique)()(adapter, task, spec.seed)
-                if result.applicable:
-                    row |= {"status": "ok", "score": result.score, "per_example": result.per_example,
-                            "metrics": result.metrics, "details": result.details}
-                else:
-                    row |= {"status": "n/a", "reason": result.reason}
+                row = {"organism_accuracy": meta["accuracy"]} | _scored_row(adapter, spec, task)
+        except zoo.CorruptOrganism as exc:  # raised only with no_retrain
+            row = {"status": "error", "error": str(exc), "refused": str(exc)}
         except Exception:
             row = {"status": "error", "error": traceback.format_exc()}
     return row | {"wall_s": time.perf_counter() - start, "peak_mem_mb": _peak_mb(),
@@ -260,10 +281,10 @@ class Job:
     cost: float  # estimated seconds on one worker
     spec: RunSpec | None = None
 
-    def call(self, gate: float) -> tuple[Callable, tuple]:
+    def call(self, gate: float, no_retrain: bool = False) -> tuple[Callable, tuple]:
         if self.kind == "organism":
-            return train_organism, (*self.organism, gate)
-        return run_cell, (self.spec, gate)
+            return train_organism, (*self.organism, gate, no_retrain)
+        return run_cell, (self.spec, gate, no_retrain)
 
 
 class Scheduler:
@@ -332,8 +353,11 @@ def _label(job: Job) -> str:
 
 
 def run_matrix(specs: list[RunSpec], results_dir, workers: int | None = None, gate: float = zoo.DEFAULT_GATE,
-               executor: str | Any = "local", progress: bool = True) -> RunSummary:
+               executor: str | Any = "local", progress: bool = True, no_retrain: bool = False) -> RunSummary:
     """Run every cell not already in the store; return counts. Errors are collected, not raised.
+
+    With `no_retrain` a cached organism that fails its integrity checks raises
+    `zoo.CorruptOrganism` (finished cells are kept) instead of being rebuilt.
 
     `executor` is a name in EXECUTORS or an already built executor (e.g. a configured
     RayExecutor, or any object with the interface described at the top of this module).
@@ -352,7 +376,7 @@ def run_matrix(specs: list[RunSpec], results_dir, workers: int | None = None, ga
         by_organism: dict[Organism, list[RunSpec]] = collections.defaultdict(list)
         for s in todo:
             by_organism[(s.arch, s.task, s.seed)].append(s)
-        cached = {o: zoo.cached_meta(o[0], registry.task(o[1]), o[2]) for o in by_organism}
+        cached = {o: zoo.cached_meta(o[0], registry.task(o[1]), o[2], no_retrain) for o in by_organism}
         missing = [o for o in by_organism if cached[o] is None]
         gated: list[tuple[Job, dict]] = []  # cells the driver records without a worker
         for o, meta in cached.items():  # cached organisms need no worker (and no worker start-up)
@@ -413,7 +437,7 @@ def run_matrix(specs: list[RunSpec], results_dir, workers: int | None = None, ga
                     in_flight[tag] = job
                     summary.started.append(_label(job))
                     bar.started(tag, job)
-                    fn, args = job.call(gate)
+                    fn, args = job.call(gate, no_retrain)
                     pool.submit(tag, fn, args)
                 if not in_flight:
                     break
@@ -422,6 +446,8 @@ def run_matrix(specs: list[RunSpec], results_dir, workers: int | None = None, ga
                     continue
                 tag, out = got
                 job = in_flight.pop(tag)
+                if out.get("refused"):
+                    raise zoo.CorruptOrganism(out["refused"])
                 for message in out.get("warnings") or []:
                     bar.warn(message)
                 bar.finished(tag, job, out.get("wall_s") or 0.0)

@@ -6,6 +6,11 @@ everything that defines it (family, model and training config, task knobs, seed,
 version), so a changed config never reuses a stale model. Writes go to a temporary directory
 that is renamed into place, so a killed run never leaves a half-written organism.
 
+Every load is checked (archbench/integrity.py): valid metadata, weight files matching the
+sha256 recorded at build, and a re-gate of the loaded model on held-out examples. An
+organism that fails is moved to `$ARCHBENCH_CACHE/quarantine/` and rebuilt, or, with
+`no_retrain`, refused with a one-line `CorruptOrganism`.
+
 The random-init control of an organism is the very initialisation it was trained from:
 `Adapter.for_task(task, seed)` with the same seed, built, never trained.
 """
@@ -18,16 +23,24 @@ import math
 import os
 import shutil
 import tempfile
+import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
-from archbench import registry
+from archbench import integrity, registry
+from archbench.integrity import CorruptOrganism, OrganismWarning
 from archbench.version import __version__
 
 DEFAULT_GATE = 0.9
+
+# what loading a damaged organism raises (safetensors' errors are OSError or SafetensorError,
+# a state dict of the wrong shape or keys RuntimeError, a damaged config KeyError or TypeError)
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError)
 
 
 def cache_root() -> Path:
@@ -60,51 +73,141 @@ def organism_dir(arch: str, task, seed: int) -> Path:
     return cache_root() / "organisms" / organism_id(arch, task, seed)
 
 
-def cached_meta(arch: str, task, seed: int) -> dict[str, Any] | None:
-    path = organism_dir(arch, task, seed) / "adapter.json"
+def cached_meta(arch: str, task, seed: int, no_retrain: bool = False) -> dict[str, Any] | None:
+    """The metadata of a cached organism whose files pass the checks that load no model.
+
+    None when there is none, or when its metadata or weight files fail a check (`organism`
+    then rebuilds it and says why); with `no_retrain` a failed check raises CorruptOrganism
+    instead. An organism written before archbench recorded hashes passes here on its
+    metadata and whole files; `organism` re-gates it on first load and records its hash.
+    """
+    task = task.for_seed(seed)
+    path = organism_dir(arch, task, seed)
     if not path.exists():
         return None
-    return json.loads(path.read_text())["meta"]
+    try:
+        meta = integrity.read_info(path, organism_id(arch, task, seed), registry.adapter(arch).family)["meta"]
+        integrity.check_weights(path, meta)
+    except CorruptOrganism:
+        if no_retrain:
+            raise
+        return None
+    return meta
 
 
-def organism(arch: str, task, seed: int):
-    """(trained adapter, metadata): from the cache, or trained now and cached."""
+# (organism directory, weights digest, recorded accuracy) re-gated in this process: a worker
+# loads an organism once per cell, and the same bytes give the same model
+_regated: set[tuple[str, str, float]] = set()
+
+
+def _load_checked(cls, path: Path, task, seed: int):
+    """(adapter, metadata) of the cached organism at `path`, after every integrity check
+    (see archbench/integrity.py); raises CorruptOrganism. An organism without a recorded
+    hash (written by an earlier archbench) has it recorded once the re-gate passes."""
+    meta = integrity.read_info(path, path_id(path), cls.family)["meta"]
+    digest = integrity.check_weights(path, meta)
+    try:
+        adapter = cls.load(path)
+    except _LOAD_ERRORS as exc:
+        raise CorruptOrganism(f"{path / 'model.safetensors'} does not load into the organism "
+                              f"({integrity.first_line(exc)})") from None
+    key = (str(path), json.dumps(digest, sort_keys=True), float(meta["accuracy"]))
+    legacy = integrity.WEIGHTS_KEY not in meta
+    checked = ""
+    if not meta.get("planted") and (legacy or key not in _regated):  # a planted model's accuracy is declared
+        measured = integrity.check_regate(adapter, task, seed, meta, path / "model.safetensors")
+        _regated.add(key)
+        checked = f"; re-gate accuracy {measured:.3f}, recorded {meta['accuracy']:.3f}"
+    if legacy:
+        files = ", ".join(digest)
+        try:
+            integrity.record_digest(path, digest)
+            done = f"recorded the sha256 of {files}"
+        except OSError as exc:  # a read-only cache: the re-gate has verified it all the same
+            done = f"could not record the sha256 of {files} ({integrity.first_line(exc)})"
+        meta = {**meta, integrity.WEIGHTS_KEY: digest}
+        warnings.warn(OrganismWarning(f"organism {meta['organism']}: {done} (written before archbench "
+                                      f"recorded hashes{checked})"))
+    return adapter, meta
+
+
+def path_id(path: Path) -> str:
+    """The organism id of an organism directory (its path below `organisms/`)."""
+    return path.relative_to(cache_root() / "organisms").as_posix()
+
+
+def _quarantine(path: Path) -> Path:
+    """Move a corrupt organism out of the zoo (kept for inspection, never read again)."""
+    dest = cache_root() / "quarantine" / f"{path_id(path).replace('/', '_')}-{time.strftime('%Y%m%dT%H%M%S')}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(path, dest)
+    except FileNotFoundError:  # another process moved it first
+        pass
+    except OSError:  # e.g. the same second's copy is already there
+        shutil.rmtree(path, ignore_errors=True)
+    return dest
+
+
+def _write(path: Path, adapter, meta: dict[str, Any]) -> dict[str, Any]:
+    """Save an organism with its weights' hash into place atomically; return its metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+    try:
+        adapter.save(tmp, meta)
+        meta = {**meta, integrity.WEIGHTS_KEY: integrity.weights_digest(tmp)}
+        integrity.record_digest(tmp, meta[integrity.WEIGHTS_KEY])
+        os.replace(tmp, path)  # atomic; if another process won the race, keep theirs
+    except OSError:
+        if not (path / integrity.META_FILE).exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def organism(arch: str, task, seed: int, no_retrain: bool = False):
+    """(trained adapter, metadata): from the cache after its integrity checks, or trained now.
+
+    A cached organism that fails a check is moved to `$ARCHBENCH_CACHE/quarantine/` and
+    rebuilt, with one warning line naming the file and why; with `no_retrain` the
+    CorruptOrganism is raised instead.
+    """
     cls = registry.adapter(arch)
     task = task.for_seed(seed)
     path = organism_dir(arch, task, seed)
-    if (path / "adapter.json").exists():
-        return cls.load(path), cached_meta(arch, task, seed)
+    if path.exists():
+        try:
+            return _load_checked(cls, path, task, seed)
+        except CorruptOrganism as exc:
+            if no_retrain:
+                raise
+            moved = _quarantine(path)
+            warnings.warn(OrganismWarning(f"organism {organism_id(arch, task, seed)}: {exc}; rebuilding it "
+                                          f"(the old files are in {moved})"))
     adapter = cls.for_task(task, seed)
     report = adapter.fit(task, seed)
     meta = {**asdict(report), "arch": arch, "task": task.name, "seed": seed,
             "task_config": task.config(), "organism": organism_id(arch, task, seed),
             "archbench": __version__, "torch": torch.__version__}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-    try:
-        adapter.save(tmp, meta)
-        os.replace(tmp, path)  # atomic; if another process won the race, keep theirs
-    except OSError:
-        if not (path / "adapter.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return adapter, meta
+    return adapter, _write(path, adapter, meta)
 
 
 def plant(arch: str, task_name: str, seed: int, accuracy: float = 1.0) -> dict[str, Any]:
     """Cache the untrained model as the organism, with a recorded accuracy; returns its meta.
 
     For dry runs of the runner and for tests: the matrix then runs without training, and
-    the recorded accuracy decides the gate.
+    the recorded accuracy decides the gate (a planted organism is not re-gated).
     """
     task = registry.task(task_name).for_seed(seed)
     adapter = registry.adapter(arch).for_task(task, seed)
     meta = {"accuracy": accuracy, "train_accuracy": accuracy, "steps": 0, "seconds": 0.0,
             "history": [], "arch": arch, "task": task_name, "seed": seed, "planted": True,
             "organism": organism_id(arch, task, seed)}
-    adapter.save(organism_dir(arch, task, seed), meta)
-    return meta
+    path = organism_dir(arch, task, seed)
+    if path.exists():
+        shutil.rmtree(path)
+    return _write(path, adapter, meta)
 
 
 def control(arch: str, task, seed: int):
@@ -113,7 +216,11 @@ def control(arch: str, task, seed: int):
 
 
 def gate_reason(meta: dict[str, Any], threshold: float = DEFAULT_GATE) -> str | None:
-    """Why an organism fails the behavioural gate (None if it passes)."""
+    """Why an organism fails the behavioural gate (None if it passes); a NaN or infinite
+    accuracy fails it (NaN < threshold is False, so it would otherwise pass)."""
+    accuracy = meta.get("accuracy")
+    if not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool) or not math.isfinite(accuracy):
+        return f"held-out accuracy {accuracy!r} is not a finite number"
     if meta["accuracy"] < threshold:
         # floor to 3 decimals so that 0.8996 never reads as "0.900 < 0.900"
         shown = math.floor(meta["accuracy"] * 1000) / 1000
@@ -122,10 +229,24 @@ def gate_reason(meta: dict[str, Any], threshold: float = DEFAULT_GATE) -> str | 
 
 
 def list_organisms() -> list[dict[str, Any]]:
+    """Every cached organism with its metadata and `check`: "ok", "unverified" (no hash
+    recorded yet) or the one line saying what is wrong with its files (the re-gate, which
+    loads the model, runs when a run or `zoo build` uses it)."""
     root = cache_root() / "organisms"
     rows = []
-    for path in sorted(root.glob("*/*/*/adapter.json")):
-        meta = json.loads(path.read_text())["meta"]
+    for path in sorted(p for p in root.glob("*/*/*") if p.is_dir() and not p.name.startswith(".")):
+        arch, task, _ = path_id(path).split("/")
+        meta: dict[str, Any] = {"arch": arch, "task": task}
+        try:
+            family = registry.adapter(arch).family
+        except registry.UnknownName:
+            family = None
+        try:
+            meta = integrity.read_info(path, path_id(path), family)["meta"]
+            integrity.check_weights(path, meta)
+            check = "ok" if integrity.WEIGHTS_KEY in meta else "unverified"
+        except CorruptOrganism as exc:
+            check = str(exc)
         rows.append({k: meta.get(k) for k in ("arch", "task", "seed", "accuracy", "steps", "seconds", "stopped")}
-                    | {"path": str(path.parent)})
+                    | {"path": str(path), "check": check})
     return rows
