@@ -79,10 +79,10 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 class Attribution(Technique):
     name = "attribution"
     version = 2
-    control_floor = ("where the relevant positions are those holding one token (count: the counted token), "
-                     "a random-init model's attribution magnitude follows each token's embedding, so the "
-                     "positions of that token share a magnitude and AUROC separates them without the count "
-                     "being computed.")
+    control_floor = ("a random-init model's attribution magnitude follows each token's embedding and its "
+                     "position, so where the relevant positions hold one token (count: the counted token) "
+                     "or sit at fixed places (facts: the last three of four, which a reservoir's fading "
+                     "memory weights most), AUROC separates them without the answer being computed.")
     roles = frozenset({"embed"})
     # internal_batch_size: rows per IG forward; it bounds the memory of backward passes
     # through per-step recurrent scans (4,096 took 3 GB on Mamba)

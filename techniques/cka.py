@@ -150,6 +150,10 @@ def cka_from_packed(a: list[float], b: list[float], n: int) -> float:
 class CKA(Technique):
     name = "cka"
     version = 2
+    control_floor = ("where the variable is a function of a few input tokens (facts: the attribute of one "
+                     "of 32 subject-relation pairs), every example with the same pair has the same state "
+                     "in any model, random-init included, so the state's Gram matrix already aligns with "
+                     "the variable's: random-init Mamba, Mamba-2 and RWKV controls score 0.35-0.37 on facts.")
     representation = True
     roles = frozenset(SITE_ROLES)
     # n_gram: the first n_gram test examples' normalised Gram of the scored site is stored
