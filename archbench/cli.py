@@ -3,29 +3,35 @@
 Examples:
   archbench list adapters
   archbench inspect transformer --task recall
-  archbench run --matrix --quick --results results/
-  archbench run --matrix --profile full --results results/     (quick|default|full: 3, 5, 10 seeds)
+  archbench run --matrix --quick                               (writes ./archbench-results)
+  archbench run --matrix --profile full --results R            (quick|default|full: 3, 5, 10 seeds)
   archbench run --matrix --arch transformer --technique probe --task modadd,count --seeds 3
-  archbench report --results results/
+  archbench report                                             (re-renders ./archbench-results)
+  archbench report --results results                           (the published leaderboard)
   archbench cite --results results/ > references.bib
   archbench zoo build --arch transformer --task modadd --seeds 2
 
-Bad input (an unknown name, a bad flag value, an unreadable results directory) prints one
-line that says what to fix and exits with status 2; nothing already computed is lost.
+Bad input (an unknown name, a bad flag value, a results directory that is read-only, on a
+full disk, damaged, of a newer schema or in use by another run) prints one line that says
+what to fix and exits with status 2; nothing already computed is lost.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import signal
 import sqlite3
 import sys
 from pathlib import Path
 
 from archbench import registry
+from archbench import results_dir as results_place
 
 EXIT_USAGE = 2
+MAX_SEEDS = 100  # the full profile runs 10; a typo such as 10**9 would expand into billions of cells
+FLAGS = {"adapters": "--arch", "techniques": "--technique", "tasks": "--task"}
 
 
 class UsageError(Exception):
@@ -38,11 +44,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _names(kind: str, value: str | None) -> list[str]:
-    if not value:
+    """The names of a comma-separated flag, each checked, duplicates dropped; every name
+    when the flag is absent (an empty value is an error, not "all")."""
+    if value is None:
         return registry.names(kind)
-    names = [n.strip() for n in value.split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
     if not names:
-        raise UsageError(f"--{kind[:-1]} needs at least one name")
+        raise UsageError(f"{FLAGS.get(kind, kind)} needs at least one name (leave the flag out for all; "
+                         f"`archbench list {kind}` lists them)")
     for n in names:
         try:
             registry.resolve(kind, n)
@@ -51,11 +60,17 @@ def _names(kind: str, value: str | None) -> list[str]:
     return names
 
 
-def _results_dir(value: str, must_exist: bool = False) -> Path:
-    path = Path(value)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--results {value} is a file; give a directory")
-    if must_exist and not (path / "archbench.db").exists():
+def _results_dir(value: str, must_exist: bool = False, published: bool = False) -> Path:
+    """`--results` as a path that can be a directory; with `must_exist`, one holding a store
+    (`archbench.db`, or with `published` also the committed `archbench.db.gz`)."""
+    from archbench import store
+
+    try:
+        path = results_place.check(value)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    found = store.has_store(path) if published else (path / store.DB_NAME).exists()
+    if must_exist and not found:
         raise UsageError(f"no results store in {value}; run `archbench run --matrix --results {value}` first")
     return path
 
@@ -74,6 +89,7 @@ def _checked(parse, ok, wanted: str):
 
 
 _positive = _checked(int, lambda n: n >= 1, "a positive integer")
+_seed_count = _checked(int, lambda n: 1 <= n <= MAX_SEEDS, f"a number of seeds from 1 to {MAX_SEEDS}")
 _fraction = _checked(float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
 _amount = _checked(float, lambda x: x >= 0, "a number >= 0")
 
@@ -229,13 +245,39 @@ def _refusal(exc: Exception) -> str:
     return f"{exc}; --no-retrain keeps it as it is: rerun without --no-retrain to rebuild it"
 
 
+def _note(line: str) -> None:
+    print(f"archbench: {line}", file=sys.stderr)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _with_reference(archs: list[str], notes: list[str]) -> list[str]:
+    """`--arch` without the reference architecture gets its cells too: every verdict divides by them."""
+    from archbench.verdict import Settings
+
+    reference = Settings.reference
+    if reference in archs or reference not in registry.names("adapters"):
+        return archs
+    notes.append(f"adding {reference} to --arch: it is the reference every verdict divides by "
+                 "(its cells already in the store are skipped)")
+    return [reference, *archs]
+
+
 def cmd_run(args) -> int:
-    from archbench import report, runner, zoo
+    from archbench import report, runner, store, zoo
+    from archbench.technique import SCORING_VERSION
 
     if not args.matrix:
         raise UsageError("say what to run: `archbench run --matrix` (filters: --arch, --technique, --task)")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` and `timeout` stop a run like Ctrl-C
+    notes: list[str] = []  # printed once every flag has been checked
     archs = _matrix_archs(args.arch)
+    archs = _with_reference(archs, notes) if args.arch is not None else archs
     techniques = _names("techniques", args.technique)
     tasks = _names("tasks", args.task)
     if args.quick and args.profile not in (None, "quick"):
@@ -243,19 +285,34 @@ def cmd_run(args) -> int:
     profile = "quick" if args.quick else args.profile or "default"
     n_seeds = args.seeds or runner.PROFILES[profile]
     results = _results_dir(args.results)
+    cluster = args.executor == "slurm" or (args.executor == "ray" and (args.address or os.environ.get("RAY_ADDRESS")))
+    if args.workers and args.workers > _cores() and not cluster:  # a process per cell helps nobody
+        notes.append(f"--workers {args.workers} capped at {_cores()}, the cores of this machine")
+        args.workers = _cores()
     specs = runner.expand(archs, techniques, tasks, range(n_seeds))
-    try:
-        summary = runner.run_matrix(specs, results, workers=args.workers, gate=args.gate,
-                                    executor=_executor(args), progress=not args.no_progress,
-                                    no_retrain=args.no_retrain)
-    except zoo.CorruptOrganism as exc:
-        raise UsageError(_refusal(exc)) from None
-    board = results / "LEADERBOARD.md"
-    if summary.skipped < summary.total or not board.exists():  # nothing new: the report stands
-        from archbench.technique import SCORING_VERSION
-
-        # the cells this code computes; a store with older-version rows keeps them, unrendered
-        board = report.write(results, scoring=SCORING_VERSION)
+    executor = _executor(args)
+    for line in notes:
+        _note(line)
+    waiting = lambda: _note(f"another run holds {results}; waiting for it (--wait)")  # noqa: E731
+    with results_place.run_lock(results, wait=args.wait, on_wait=waiting):
+        if store.unpack(results):
+            _note(f"resuming the published store: {results / store.GZ_NAME} decompressed to "
+                  f"{results / store.DB_NAME}")
+        try:
+            summary = runner.run_matrix(specs, results, workers=args.workers, gate=args.gate,
+                                        executor=executor, progress=not args.no_progress,
+                                        no_retrain=args.no_retrain)
+        except zoo.CorruptOrganism as exc:
+            raise UsageError(_refusal(exc)) from None
+        board = results / "LEADERBOARD.md"
+        try:
+            # the cells this code computes; a store with older-version rows keeps them, unrendered
+            if report.is_current(results, scoring=SCORING_VERSION):
+                board = f"{board} (up to date)"
+            else:  # new cells, a file missing or changed, or a rendering that never finished
+                board = report.write(results, scoring=SCORING_VERSION)
+        except KeyboardInterrupt:
+            raise runner.Interrupted(summary) from None
     print(f"{summary.total} cells: {summary.skipped} already done, {summary.ok} ok, {summary.na} n/a, "
           f"{summary.error} errors in {summary.seconds:.1f} s; leaderboard: {board}")
     for line in summary.errors or []:
@@ -282,7 +339,7 @@ def cmd_report(args) -> int:
 
     from archbench import report
 
-    results = _results_dir(args.results, must_exist=True)
+    results = _results_dir(args.results, must_exist=True, published=True)
     start = time.perf_counter()
     try:
         board = report.write(results, formats=args.format or report.FORMATS, scoring=args.scoring)
@@ -358,10 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", help="comma-separated tasks (default: all)")
     s.add_argument("--profile", choices=["quick", "default", "full"],
                    help="how many seeds: quick 3 (a smoke-test matrix), default 5, full 10")
-    s.add_argument("--seeds", type=_positive, help="number of seeds (overrides --profile)")
+    s.add_argument("--seeds", type=_seed_count, help=f"number of seeds, at most {MAX_SEEDS} (overrides --profile)")
     s.add_argument("--quick", action="store_true", help="the same as --profile quick")
-    s.add_argument("--workers", type=_positive, help="worker processes (default: number of cores); with "
-                   "--executor ray: CPUs of the local Ray instance, or tasks in flight on a cluster; with "
+    s.add_argument("--workers", type=_positive, help="worker processes (default and at most: number of cores); "
+                   "with --executor ray: CPUs of the local Ray instance, or tasks in flight on a cluster; with "
                    "--executor slurm: jobs in flight (default 32)")
     s.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
                    help="local: a process pool here (default); ray: one Ray task per organism and cell "
@@ -381,7 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slurm-cpus-per-task", type=_positive, metavar="N",
                    help="CPUs (and torch threads) of each job (default 1)")
     s.add_argument("--gate", type=_fraction, default=0.9, help="held-out accuracy an organism needs (default 0.9)")
-    s.add_argument("--results", default="results", help="results directory (default: results)")
+    s.add_argument("--results", default=results_place.DEFAULT,
+                   help=f"results directory (default: {results_place.DEFAULT}; the published leaderboard is "
+                        "--results results)")
+    s.add_argument("--wait", action="store_true",
+                   help="if another run holds --results, wait for it to finish (default: exit with status 2)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--no-retrain", action="store_true",
                    help="stop (exit 2) instead of rebuilding a cached organism that fails its integrity checks")
@@ -389,8 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="write the leaderboard (md, tex, csv, html, figures) from the store; "
                                       "recomputes nothing",
-                       epilog="example: archbench report --results results/ --format md,html")
-    s.add_argument("--results", default="results")
+                       epilog="example: archbench report --results results --format md,html")
+    s.add_argument("--results", default=results_place.DEFAULT,
+                   help=f"results directory: its archbench.db, or a published archbench.db.gz (default: "
+                        f"{results_place.DEFAULT})")
     s.add_argument("--format", type=_formats, default=None,
                    help="comma-separated subset of md,tex,csv,html,png (default: all)")
     s.add_argument("--scoring", type=_positive, default=None,
@@ -416,19 +479,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(line: str) -> int:
+    print(f"archbench: error: {line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
+    from archbench.ray_executor import ClusterUnreachable
+    from archbench.store import StoreError
+
+    args = None
     try:
         args = build_parser().parse_args(argv)
         return args.fn(args)
-    except UsageError as exc:
-        print(f"archbench: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except sqlite3.DatabaseError as exc:
-        print(f"archbench: error: the results store is unreadable ({exc}); point --results at another "
-              f"directory or move the damaged archbench.db away", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("archbench: interrupted; finished cells are saved, rerun to resume", file=sys.stderr)
+    except (UsageError, StoreError, results_place.Busy, ClusterUnreachable) as exc:
+        return _error(str(exc))
+    except (sqlite3.Error, OSError) as exc:  # read-only, disk full, damaged: say which
+        return _error(results_place.explain(exc, getattr(args, "results", None)))
+    except KeyboardInterrupt as exc:
+        summary = getattr(exc, "summary", None)  # runner.Interrupted: what the run kept
+        kept = (f"; this run kept {summary.kept()} ({summary.skipped} cells were done before it)"
+                if summary is not None else "")
+        print(f"archbench: interrupted{kept}; rerun to resume", file=sys.stderr)
         return 130
 
 

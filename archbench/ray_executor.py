@@ -27,16 +27,58 @@ tasks of `num_cpus`), so its priorities, not Ray's queue, decide what runs next.
 
 Ray is imported only when this executor is built; without it, `archbench run --executor ray`
 says to `pip install "archbench[ray]"` and exits with status 2.
+
+Joining a cluster is bounded: `ray.init` retries an address nobody answers on for minutes,
+so a `host:port` or `ray://host:port` address (given, or in `RAY_ADDRESS`) is first tried
+with a plain TCP connection of at most `CONNECT_TIMEOUT_S` seconds, and an address that
+refuses, times out or does not resolve raises `ClusterUnreachable` (one line, exit status 2
+on the command line) before anything is computed.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any, Callable
 
 from archbench import zoo
 
 INSTALL_HINT = 'the ray executor needs Ray: pip install "archbench[ray]"'
+CONNECT_TIMEOUT_S = 10.0
+
+
+class ClusterUnreachable(ConnectionError):
+    """No Ray cluster answers at the address; the message is one line naming the fix."""
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a `host:port` or `ray://host:port` address; None for `auto`, `local`
+    and anything else Ray resolves itself."""
+    if address.startswith("ray://"):
+        address = address[len("ray://"):]
+    elif "://" in address:
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def probe(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise ClusterUnreachable unless something accepts a TCP connection at `address`."""
+    target = _host_port(address)
+    if target is None:
+        return
+    try:
+        socket.create_connection(target, timeout=timeout).close()
+    except socket.timeout:
+        why = f"no answer within {timeout:g} s"
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    else:
+        return
+    raise ClusterUnreachable(f"no Ray cluster at {address} ({why}): check --address (the head's host:port, "
+                             "e.g. head:6379, or ray://head:10001, or auto), or drop it to start a local Ray")
 
 
 _worker_threads: int | None = None  # set once per Ray worker process
@@ -76,6 +118,8 @@ class RayExecutor:
         self._ray = ray
         self.workers = workers
         self.address = address
+        if address or os.environ.get("RAY_ADDRESS"):
+            probe(address or os.environ["RAY_ADDRESS"])
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.started = False  # True if this executor started the Ray instance it uses
         self._in_flight: dict[Any, Any] = {}  # ObjectRef -> tag
@@ -90,7 +134,12 @@ class RayExecutor:
         if ray.is_initialized():
             return
         if self.cluster:
-            ray.init(address=self.address)
+            try:
+                ray.init(address=self.address)
+            except ConnectionError as exc:  # e.g. `auto` with no cluster running
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ClusterUnreachable(f"cannot join a Ray cluster at {self.address or os.environ['RAY_ADDRESS']}"
+                                         f" ({first}): check --address, or drop it to start a local Ray") from None
         else:
             ray.init(num_cpus=self.workers or os.cpu_count() or 1, include_dashboard=False)
             self.started = True

@@ -13,11 +13,20 @@
 
 It never runs a model or recomputes a cell, and it renders stores that hold `error` and
 `n/a` rows. Output depends only on the store and the settings, so rendering twice gives the
-same files.
+same files. It reads `archbench.db`, or the published `archbench.db.gz` through a temporary
+copy.
+
+Crash-safe: every file is rendered in memory first, then written to a temporary name in the
+same directory and renamed into place, so a killed or failed render leaves each file either
+as it was or complete. The store then records the digest of what the files were rendered
+from (cells, organisms, settings, formats, code version) and of each file as written;
+`is_current` compares both, so a rerun re-renders when the cells changed, when a file is
+missing or differs (truncated, edited), or when a render never finished.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +37,8 @@ from archbench import figures as figs
 from archbench import report_html, report_latex, verdict
 from archbench import report_tables as tables
 from archbench.report_tables import Table
-from archbench.store import Store
+from archbench.results_dir import write_atomic
+from archbench.store import Store, reading
 
 FORMATS = ("md", "tex", "csv", "html", "png")
 TITLE = "archbench leaderboard"
@@ -51,8 +61,12 @@ def load(results_dir: str | Path, settings: verdict.Settings = verdict.Settings(
          scoring: int | None = None) -> ReportData:
     """The store's cells and verdicts; cells of one scoring version only (`scoring`, or the
     only one present: a store with several raises `MixedScoring`, naming the fix)."""
-    with Store(results_dir) as store:
-        cells, organisms = store.cells(), store.organisms()
+    with reading(results_dir) as store:
+        return _load(store, results_dir, settings, scoring)
+
+
+def _load(store: Store, results_dir, settings: verdict.Settings, scoring: int | None) -> ReportData:
+    cells, organisms = store.cells(), store.organisms()
     versions = sorted(set(cells.scoring)) if len(cells) else []
     if scoring is not None:
         cells = cells[cells.scoring == scoring]
@@ -68,13 +82,18 @@ def load(results_dir: str | Path, settings: verdict.Settings = verdict.Settings(
                       verdict.summary(cells, settings, measured), settings)
 
 
-def intro(settings: verdict.Settings) -> list[str]:
-    return [
+def intro(settings: verdict.Settings, cells: pd.DataFrame | None = None) -> list[str]:
+    lines = [
         "Each cell asks: does the technique recover the task's known mechanism on this architecture as "
         f"well as on the reference ({settings.reference}), measured as the effect over a random-init "
         "control of the same architecture and seed?",
         f"Thresholds: {settings.describe()}.",
     ]
+    if cells is not None and len(cells) and settings.reference not in set(cells.arch):
+        lines.append(f"Warning: the reference architecture ({settings.reference}) has no cells here, so no "
+                     "verdict has a reference effect to divide by; run archbench run --matrix with "
+                     f"--arch {settings.reference} and the same techniques, tasks and seeds.")
+    return lines
 
 
 def build_tables(d: ReportData) -> list[Table]:
@@ -110,9 +129,10 @@ def _md_table(t: Table) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in t.rows])
 
 
-def markdown(tabs: list[Table], settings: verdict.Settings, captions: dict | None = None) -> str:
+def markdown(tabs: list[Table], settings: verdict.Settings, captions: dict | None = None,
+             cells: pd.DataFrame | None = None) -> str:
     legend = ", ".join(f"{g} {k}" for k, g in verdict.GLYPHS.items())
-    parts = [f"# {TITLE}", *intro(settings), f"Glyphs: {legend}.",
+    parts = [f"# {TITLE}", *intro(settings, cells), f"Glyphs: {legend}.",
              "Also in this directory: `index.html` (sortable tables, figures), `leaderboard.tex`, "
              "`cells.csv`, `figures/`. References: `archbench cite --results <this directory>`."]
     for t in tabs:
@@ -136,39 +156,91 @@ def cells_frame(cells: pd.DataFrame) -> pd.DataFrame:
     return df[[c for c in CSV_COLUMNS if c in df]].sort_values(["technique", "arch", "task", "seed", "control"])
 
 
+EMPTY = f"# {TITLE}\n\n_the store holds no cells yet_\n"
+
+
+def render_files(d: ReportData, formats=FORMATS) -> dict[str, bytes]:
+    """Every requested file's content, by path relative to the results directory, figures
+    first and LEADERBOARD.md last (it links the figures)."""
+    settings = d.settings
+    if d.cells.empty:
+        return {"LEADERBOARD.md": EMPTY.encode()}
+    tabs = build_tables(d)
+    lines = intro(settings, d.cells)
+    drawn = figs.render(d.cells, d.summary, settings, figs.FORMATS if "png" in formats else ("png",)) \
+        if {"png", "html"} & set(formats) else {}
+    pngs = {name: data for name, data in drawn.items() if name.endswith(".png")}
+    files: dict[str, bytes] = {}
+    if "png" in formats:  # each figure as PNG, and as SVG and PDF for papers
+        files |= {f"figures/{name}": data for name, data in drawn.items()}
+    captions = figure_captions(pngs) if "png" in formats else {}
+    if "tex" in formats:
+        tex_figs = {k: [(f"figures/{n.removesuffix('.png')}.pdf", c) for n, c in v] for k, v in captions.items()}
+        files[f"{report_latex.TABLES_FILE}.tex"] = report_latex.tables_file(TITLE, tabs).encode()
+        files["leaderboard.tex"] = report_latex.render(TITLE, lines, tabs, tex_figs).encode()
+    if "csv" in formats:
+        files["cells.csv"] = cells_frame(d.cells).to_csv(index=False).encode()
+    if "html" in formats:
+        html_figs = {k: [(pngs[n], c) for n, c in v] for k, v in figure_captions(pngs).items()}
+        files["index.html"] = report_html.render(TITLE, lines, tabs, html_figs).encode()
+    if "md" in formats:
+        files["LEADERBOARD.md"] = markdown(tabs, settings, captions, d.cells).encode()
+    return files
+
+
+def _source(store: Store, settings: verdict.Settings, formats, scoring: int | None) -> str:
+    """The digest of everything a rendering depends on: the store's cells and organisms,
+    the settings, the formats and the code that renders them."""
+    from archbench.store import provenance
+
+    # `scoring` only selects rows: a store of one version renders (and digests) the same either way
+    payload = {"store": store.content_digest(scoring), "settings": repr(settings), "formats": sorted(formats),
+               "archbench": provenance()["archbench"], "git": provenance()["git_sha"]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def write(results_dir: str | Path, settings: verdict.Settings = verdict.Settings(),
           formats=FORMATS, scoring: int | None = None) -> Path:
-    """Write the requested formats into `results_dir`; return the path of LEADERBOARD.md."""
+    """Write the requested formats into `results_dir` (each file atomically) and record
+    what they were rendered from; return the path of LEADERBOARD.md."""
     root = Path(results_dir)
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown report format(s) {', '.join(sorted(unknown))}; choose from {', '.join(FORMATS)}")
-    d = load(root, settings, scoring)
-    board = root / "LEADERBOARD.md"
-    if d.cells.empty:
-        board.write_text(f"# {TITLE}\n\n_the store holds no cells yet_\n")
-        return board
-    tabs = build_tables(d)
-    drawn = figs.render(d.cells, d.summary, settings, figs.FORMATS if "png" in formats else ("png",)) \
-        if {"png", "html"} & set(formats) else {}
-    pngs = {name: data for name, data in drawn.items() if name.endswith(".png")}
-    if "png" in formats:  # each figure as PNG, and as SVG and PDF for papers
-        (root / "figures").mkdir(exist_ok=True)
-        for name, data in drawn.items():
-            (root / "figures" / name).write_bytes(data)
-    captions = figure_captions(pngs) if "png" in formats else {}
-    if "md" in formats:
-        board.write_text(markdown(tabs, settings, captions))
-    if "tex" in formats:
-        tex_figs = {k: [(f"figures/{n.removesuffix('.png')}.pdf", c) for n, c in v] for k, v in captions.items()}
-        (root / f"{report_latex.TABLES_FILE}.tex").write_text(report_latex.tables_file(TITLE, tabs))
-        (root / "leaderboard.tex").write_text(report_latex.render(TITLE, intro(settings), tabs, tex_figs))
-    if "csv" in formats:
-        cells_frame(d.cells).to_csv(root / "cells.csv", index=False)
-    if "html" in formats:
-        html_figs = {k: [(pngs[n], c) for n, c in v] for k, v in figure_captions(pngs).items()}
-        (root / "index.html").write_text(report_html.render(TITLE, intro(settings), tabs, html_figs))
-    return board
+    with reading(root) as store:
+        source = _source(store, settings, formats, scoring)  # before reading: a cell landing later re-renders
+        files = render_files(_load(store, root, settings, scoring), formats)
+        if any(name.startswith("figures/") for name in files):
+            (root / "figures").mkdir(exist_ok=True)
+        for name, data in files.items():
+            write_atomic(root / name, data)
+        if not store.copy:  # a temporary copy of archbench.db.gz keeps no record
+            store.put_reports(source, {name: _sha(data) for name, data in files.items()})
+    return root / "LEADERBOARD.md"
+
+
+def is_current(results_dir: str | Path, settings: verdict.Settings = verdict.Settings(),
+               formats=FORMATS, scoring: int | None = None) -> bool:
+    """Whether the report files in `results_dir` are exactly what `write` would produce now:
+    the last finished rendering was of the same cells and settings, and every file it wrote
+    is there, byte for byte."""
+    root = Path(results_dir)
+    with reading(root) as store:
+        if store.copy:
+            return False
+        source = _source(store, settings, formats, scoring)
+        record = store.reports()
+    if "LEADERBOARD.md" not in record:
+        return False
+    for name, (rendered_from, sha) in record.items():
+        path = root / name
+        if rendered_from != source or not path.is_file() or _sha(path.read_bytes()) != sha:
+            return False
+    return True
 
 
 def render(results_dir: str | Path, settings: verdict.Settings = verdict.Settings(),
@@ -176,5 +248,5 @@ def render(results_dir: str | Path, settings: verdict.Settings = verdict.Setting
     """LEADERBOARD.md's text, without writing anything (figures not linked)."""
     d = load(results_dir, settings, scoring)
     if d.cells.empty:
-        return f"# {TITLE}\n\n_the store holds no cells yet_\n"
-    return markdown(build_tables(d), settings)
+        return EMPTY
+    return markdown(build_tables(d), settings, cells=d.cells)

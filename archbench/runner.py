@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable
 from archbench import integrity, registry, zoo
 from archbench.costs import CostModel
 from archbench.progress import Progress
+from archbench.results_dir import run_lock
 from archbench.verdict import Settings as VerdictSettings
 from archbench.store import RunSpec, Store, cell_identity
 
@@ -348,12 +349,29 @@ class RunSummary:
     started: list[str] = field(default_factory=list)  # job labels in the order they were submitted
 
 
+    def kept(self) -> str:
+        """What this run added to the store and the zoo, in words (for an interrupted run)."""
+        cells = self.ok + self.na + self.error
+        errors = f" ({self.error} of them errors, retried on rerun)" if self.error else ""
+        return (f"{cells} cell{'' if cells == 1 else 's'}{errors} and {self.organisms_trained} trained "
+                f"organism{'' if self.organisms_trained == 1 else 's'}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during `run_matrix`; `summary` counts what the run kept."""
+
+    def __init__(self, summary: RunSummary):
+        super().__init__(summary.kept())
+        self.summary = summary
+
+
 def _label(job: Job) -> str:
     return job.spec.label() if job.kind == "cell" else "organism {}/{}/seed{}".format(*job.organism)
 
 
 def run_matrix(specs: list[RunSpec], results_dir, workers: int | None = None, gate: float = zoo.DEFAULT_GATE,
-               executor: str | Any = "local", progress: bool = True, no_retrain: bool = False) -> RunSummary:
+               executor: str | Any = "local", progress: bool = True, no_retrain: bool = False,
+               wait: bool = False) -> RunSummary:
     """Run every cell not already in the store; return counts. Errors are collected, not raised.
 
     With `no_retrain` a cached organism that fails its integrity checks raises
@@ -361,109 +379,124 @@ def run_matrix(specs: list[RunSpec], results_dir, workers: int | None = None, ga
 
     `executor` is a name in EXECUTORS or an already built executor (e.g. a configured
     RayExecutor, or any object with the interface described at the top of this module).
+    The results directory's run lock is held throughout: another run on it raises
+    `results_dir.Busy` (or, with `wait`, is waited for). Ctrl-C or SIGTERM raises
+    `Interrupted`, whose summary counts the cells and organisms kept.
     """
     start = time.perf_counter()
     cell_identity.cache_clear()  # configs, versions and formats are read afresh each run
     workers = workers or os.cpu_count() or 1
-    with Store(results_dir) as store:
-        done = store.done_keys()
-        todo = [s for s in specs if s.key() not in done]
-        summary = RunSummary(total=len(specs), skipped=len(specs) - len(todo), errors=[])
-        if not todo:
-            return summary
-        sched = Scheduler(CostModel(store))
-
-        by_organism: dict[Organism, list[RunSpec]] = collections.defaultdict(list)
-        for s in todo:
-            by_organism[(s.arch, s.task, s.seed)].append(s)
-        cached = {o: zoo.cached_meta(o[0], registry.task(o[1]), o[2], no_retrain) for o in by_organism}
-        missing = [o for o in by_organism if cached[o] is None]
-        gated: list[tuple[Job, dict]] = []  # cells the driver records without a worker
-        for o, meta in cached.items():  # cached organisms need no worker (and no worker start-up)
-            if meta is None:
-                sched.add_organism(o, by_organism[o])
-                continue
-            reason = zoo.gate_reason(meta, gate)
-            store.put_organism(meta, reason)
-            jobs = [sched.cell_job(s) for s in by_organism[o]]
-            if reason:
-                gated += [(j, _gated_row(meta, reason)) for j in jobs]
-            else:
-                sched.add_cells(jobs)
-
-        # organism and cell jobs that may need a worker (cells of an organism may yet be gated)
-        n_jobs = len(sched) + sum(len(v) for v in sched.waiting.values())
-        if isinstance(executor, str):
-            pool = EXECUTORS[executor](max(1, min(workers, n_jobs)))
-        else:
-            pool = executor
-        work = sched.queued_cost() + sum(j.cost for j, _ in gated)
-        bar = Progress(progress, len(missing), len(todo), _capacity(pool) if n_jobs else 1, work)
-
-        def record(job: Job, row: dict[str, Any], ran: bool) -> None:
-            spec = job.spec
-            store.put_cell(spec, row)
-            key = {"ok": "ok", "n/a": "na", "error": "error"}[row["status"]]
-            setattr(summary, key, getattr(summary, key) + 1)
-            if row["status"] == "error":
-                summary.errors.append(f"{spec.label()}: {row['error'].strip().splitlines()[-1]}")
-            bar.recorded(row["status"], None if ran else job)
-
-        def landed(job: Job, out: dict[str, Any]) -> None:
-            cells = sched.release(job.organism)
-            if not out["ok"]:
-                last = out["error"].strip().splitlines()[-1]
-                summary.errors.append(f"organism {'/'.join(map(str, job.organism))}: {last}")
-                for cell in cells:  # recorded as errors (retried on rerun), never trained again here
-                    record(cell, {"status": "error", "error": f"organism failed to train:\n{out['error']}"}, False)
-                return
-            summary.organisms_trained += 1
-            store.put_organism(out["meta"], out["gate"])
-            if out["gate"]:
-                for cell in cells:
-                    record(cell, _gated_row(out["meta"], out["gate"]), False)
-            else:
-                sched.add_cells(cells)
-
-        in_flight: dict[int, Job] = {}
-        tags = itertools.count()
-        try:
-            for job, row in gated:
-                record(job, row | {"wall_s": 0.0}, False)
-            capacity = _capacity(pool) if n_jobs else 1
-            while True:
-                while len(in_flight) < capacity and (job := sched.pop()) is not None:
-                    tag = next(tags)
-                    in_flight[tag] = job
-                    summary.started.append(_label(job))
-                    bar.started(tag, job)
-                    fn, args = job.call(gate, no_retrain)
-                    pool.submit(tag, fn, args)
-                if not in_flight:
-                    break
-                got = pool.next_done(1.0)
-                if got is None:
-                    continue
-                tag, out = got
-                job = in_flight.pop(tag)
-                if out.get("refused"):
-                    raise zoo.CorruptOrganism(out["refused"])
-                for message in out.get("warnings") or []:
-                    bar.warn(message)
-                bar.finished(tag, job, out.get("wall_s") or 0.0)
-                if job.kind == "organism":
-                    landed(job, out)
-                else:
-                    record(job, out, True)
-            assert not sched.waiting, "cells left waiting for organisms that never ran"
-        except BaseException:
-            getattr(pool, "cancel", lambda: None)()
+    summary = RunSummary(total=len(specs), skipped=0, errors=[])
+    try:
+        with run_lock(results_dir, wait), Store(results_dir) as store:  # the schema is checked here, first
+            _run(specs, store, summary, workers, gate, executor, progress, no_retrain)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Interrupted):
             raise
-        finally:
-            getattr(pool, "close", lambda: None)()
-            bar.close()
+        raise Interrupted(summary) from None
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _run(specs: list[RunSpec], store: Store, summary: RunSummary, workers: int, gate: float,
+         executor: str | Any, progress: bool, no_retrain: bool = False) -> None:
+    """`run_matrix`'s body: queue and run the cells not in `store`, counting into `summary`."""
+    done = store.done_keys()
+    todo = [s for s in specs if s.key() not in done]
+    summary.skipped = len(specs) - len(todo)
+    if not todo:
+        return
+    sched = Scheduler(CostModel(store))
+
+    by_organism: dict[Organism, list[RunSpec]] = collections.defaultdict(list)
+    for s in todo:
+        by_organism[(s.arch, s.task, s.seed)].append(s)
+    cached = {o: zoo.cached_meta(o[0], registry.task(o[1]), o[2], no_retrain) for o in by_organism}
+    missing = [o for o in by_organism if cached[o] is None]
+    gated: list[tuple[Job, dict]] = []  # cells the driver records without a worker
+    for o, meta in cached.items():  # cached organisms need no worker (and no worker start-up)
+        if meta is None:
+            sched.add_organism(o, by_organism[o])
+            continue
+        reason = zoo.gate_reason(meta, gate)
+        store.put_organism(meta, reason)
+        jobs = [sched.cell_job(s) for s in by_organism[o]]
+        if reason:
+            gated += [(j, _gated_row(meta, reason)) for j in jobs]
+        else:
+            sched.add_cells(jobs)
+
+    # organism and cell jobs that may need a worker (cells of an organism may yet be gated)
+    n_jobs = len(sched) + sum(len(v) for v in sched.waiting.values())
+    if isinstance(executor, str):
+        pool = EXECUTORS[executor](max(1, min(workers, n_jobs)))
+    else:
+        pool = executor
+    work = sched.queued_cost() + sum(j.cost for j, _ in gated)
+    bar = Progress(progress, len(missing), len(todo), _capacity(pool) if n_jobs else 1, work)
+
+    def record(job: Job, row: dict[str, Any], ran: bool) -> None:
+        spec = job.spec
+        store.put_cell(spec, row)
+        key = {"ok": "ok", "n/a": "na", "error": "error"}[row["status"]]
+        setattr(summary, key, getattr(summary, key) + 1)
+        if row["status"] == "error":
+            summary.errors.append(f"{spec.label()}: {row['error'].strip().splitlines()[-1]}")
+        bar.recorded(row["status"], None if ran else job)
+
+    def landed(job: Job, out: dict[str, Any]) -> None:
+        cells = sched.release(job.organism)
+        if not out["ok"]:
+            last = out["error"].strip().splitlines()[-1]
+            summary.errors.append(f"organism {'/'.join(map(str, job.organism))}: {last}")
+            for cell in cells:  # recorded as errors (retried on rerun), never trained again here
+                record(cell, {"status": "error", "error": f"organism failed to train:\n{out['error']}"}, False)
+            return
+        summary.organisms_trained += 1
+        store.put_organism(out["meta"], out["gate"])
+        if out["gate"]:
+            for cell in cells:
+                record(cell, _gated_row(out["meta"], out["gate"]), False)
+        else:
+            sched.add_cells(cells)
+
+    in_flight: dict[int, Job] = {}
+    tags = itertools.count()
+    try:
+        for job, row in gated:
+            record(job, row | {"wall_s": 0.0}, False)
+        capacity = _capacity(pool) if n_jobs else 1
+        while True:
+            while len(in_flight) < capacity and (job := sched.pop()) is not None:
+                tag = next(tags)
+                in_flight[tag] = job
+                summary.started.append(_label(job))
+                bar.started(tag, job)
+                fn, args = job.call(gate, no_retrain)
+                pool.submit(tag, fn, args)
+            if not in_flight:
+                break
+            got = pool.next_done(1.0)
+            if got is None:
+                continue
+            tag, out = got
+            job = in_flight.pop(tag)
+            if out.get("refused"):
+                raise zoo.CorruptOrganism(out["refused"])
+            for message in out.get("warnings") or []:
+                bar.warn(message)
+            bar.finished(tag, job, out.get("wall_s") or 0.0)
+            if job.kind == "organism":
+                landed(job, out)
+            else:
+                record(job, out, True)
+        assert not sched.waiting, "cells left waiting for organisms that never ran"
+    except BaseException:
+        getattr(pool, "cancel", lambda: None)()
+        raise
+    finally:
+        getattr(pool, "close", lambda: None)()
+        bar.close()
 
 
 def _capacity(pool) -> int:

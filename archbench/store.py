@@ -6,24 +6,42 @@ computed it (`cell_identity`: the technique's version and resolved config, the t
 config, the organism, the scoring version, the library versions), so a rerun after any of
 them changes recomputes exactly the affected cells, and the new row replaces the old one:
 the store holds one row per cell. Organisms' training records
-live in their own table. `load_results()` returns a pandas DataFrame.
+live in their own table, and `reports` records which cells each report file was rendered
+from (a digest) and the file's own digest, so a rerun re-renders exactly when the store or
+a file changed. `load_results()` returns a pandas DataFrame.
+
+The schema is versioned (`PRAGMA user_version`, `SCHEMA_VERSION`) and checked when a store
+is opened, before any cell is computed: an older store gains its missing columns and
+tables; a newer one, or an old one missing a column no default can fill, is refused with
+one line naming the fix (`StoreError`). `reading(dir)` opens a directory's store for
+reading, from `archbench.db` or, where only the published `archbench.db.gz` exists, from a
+temporary decompressed copy (nothing is written next to it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import json
 import platform
+import shutil
 import sqlite3
 import subprocess
+import tempfile
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from archbench.version import __version__
 
 DB_NAME = "archbench.db"
+GZ_NAME = DB_NAME + ".gz"  # the published store, committed compressed
+
+# 1: archbench 0.1 (no scoring, identity); 2: scoring and identity per cell; 3: the reports table.
+# Stores written before versions were recorded read 0 and are migrated like version 1.
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
@@ -44,7 +62,71 @@ CREATE TABLE IF NOT EXISTS organisms (
     accuracy REAL, train_accuracy REAL, steps INTEGER, seconds REAL,
     gate TEXT, meta TEXT, created TEXT DEFAULT CURRENT_TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS reports (
+    file TEXT PRIMARY KEY,           -- relative to the results directory
+    source TEXT NOT NULL,            -- digest of the cells, organisms and settings it was rendered from
+    sha256 TEXT NOT NULL,            -- digest of the file as written
+    created TEXT DEFAULT CURRENT_TIMESTAMP
+);
 """
+
+
+class StoreError(Exception):
+    """A store this archbench cannot use as it is; the message is one line naming the fix."""
+
+
+@lru_cache(maxsize=1)
+def _expected_columns() -> dict[str, list[tuple[str, str, bool, Any]]]:
+    """table -> [(column, type, required, default)] of the current schema, read from SCHEMA itself."""
+    mem = sqlite3.connect(":memory:")
+    mem.executescript(SCHEMA)
+    tables = [t for (t,) in mem.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    out = {t: [(c[1], c[2], bool(c[3]) and c[4] is None and not c[5], c[4])
+               for c in mem.execute(f"PRAGMA table_info({t})")] for t in tables}
+    mem.close()
+    return out
+
+
+def _statements(script: str) -> list[str]:
+    """A script's statements (a `;` inside a comment does not end one)."""
+    out, pending = [], ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            out.append(pending)
+            pending = ""
+    return out
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Bring an older store to SCHEMA_VERSION, or raise StoreError before anything is computed."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{path} has schema version {version}, newer than this archbench's {SCHEMA_VERSION}: "
+                         "upgrade archbench (pip install -U archbench) or point --results at another directory")
+    if version == SCHEMA_VERSION:
+        return
+    have = {t: {c[1] for c in db.execute(f"PRAGMA table_info({t})")} for t in _expected_columns()}
+    missing = {t: [c for c in cols if have[t] and c[0] not in have[t]] for t, cols in _expected_columns().items()}
+    required = [f"{t}.{c[0]}" for t, cols in missing.items() for c in cols if c[2]]
+    if required:
+        raise StoreError(f"{path} has an older schema that cannot be migrated (no {', '.join(required)}): "
+                         f"move it away (its cells are recomputed) or point --results at another directory")
+    db.execute("BEGIN IMMEDIATE")  # all or nothing: executescript would commit part-way
+    try:
+        for statement in _statements(SCHEMA):
+            db.execute(statement)  # the tables it lacks
+        for table, cols in missing.items():
+            for name, kind, _, default in cols:
+                # ALTER TABLE takes constant defaults only: `created` of migrated rows stays empty
+                fill = f" DEFAULT {default}" if default is not None and default != "CURRENT_TIMESTAMP" else ""
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}{fill}")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
 
 
 @dataclass(frozen=True, order=True)
@@ -119,14 +201,15 @@ class Store:
         self.dir = Path(results_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / DB_NAME
+        self.copy = False  # True for `reading`'s temporary copy of a published archbench.db.gz
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
-        have = {row[1] for row in self.db.execute("PRAGMA table_info(cells)")}
-        for column, kind in (("scoring", "INTEGER"), ("identity", "TEXT")):  # stores written by 0.1
-            if column not in have:
-                self.db.execute(f"ALTER TABLE cells ADD COLUMN {column} {kind}")
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            _migrate(self.db, self.path)
+        except BaseException:
+            self.db.close()
+            raise
 
     def close(self) -> None:
         self.db.close()
@@ -187,11 +270,75 @@ class Store:
 
         return pd.read_sql_query("SELECT * FROM organisms ORDER BY arch, task, seed", self.db)
 
+    def content_digest(self, scoring: int | None = None) -> str:
+        """A digest of every cell (of scoring version `scoring`, or all) and every organism
+        record, every column: what a report rendered from this store depends on."""
+        h = hashlib.sha256()
+        where = "" if scoring is None else f" WHERE COALESCE(scoring, 1) = {int(scoring)}"
+        for query in (f"SELECT * FROM cells{where} ORDER BY key", "SELECT * FROM organisms ORDER BY organism"):
+            for row in self.db.execute(query):
+                h.update(json.dumps(row, default=str).encode())
+            h.update(b"\x00")
+        return h.hexdigest()
+
+    def reports(self) -> dict[str, tuple[str, str]]:
+        """The report files last written: file -> (source digest, file sha256)."""
+        return {f: (src, sha) for f, src, sha in self.db.execute("SELECT file, source, sha256 FROM reports")}
+
+    def put_reports(self, source: str, files: dict[str, str]) -> None:
+        """Record a finished rendering: the files it wrote (name -> sha256), all from `source`."""
+        with self.db:
+            self.db.execute("DELETE FROM reports")
+            self.db.executemany("INSERT INTO reports (file, source, sha256) VALUES (?, ?, ?)",
+                                [(f, source, sha) for f, sha in files.items()])
+
+
+def has_store(results_dir: str | Path) -> bool:
+    """Whether `results_dir` holds a store: `archbench.db`, or the published `archbench.db.gz`."""
+    return (Path(results_dir) / DB_NAME).exists() or (Path(results_dir) / GZ_NAME).exists()
+
+
+@contextlib.contextmanager
+def reading(results_dir: str | Path) -> Iterator[Store]:
+    """The store of `results_dir` for reading. Where only `archbench.db.gz` exists it is
+    decompressed into a temporary directory (removed afterwards): `store.copy` is then True,
+    and nothing written to it outlives the block."""
+    root = Path(results_dir)
+    if (root / DB_NAME).exists() or not (root / GZ_NAME).exists():
+        with Store(root) as store:
+            yield store
+        return
+    with tempfile.TemporaryDirectory(prefix="archbench-store-") as tmp:
+        with gzip.open(root / GZ_NAME, "rb") as src, open(Path(tmp) / DB_NAME, "wb") as dst:
+            try:
+                shutil.copyfileobj(src, dst)
+            except (OSError, EOFError) as exc:  # gzip's BadGzipFile is an OSError
+                raise StoreError(f"{root / GZ_NAME} is damaged ({exc}); restore it (git checkout) "
+                                 "or point --results at another directory") from None
+        with Store(tmp) as store:
+            store.copy = True
+            yield store
+
+
+def unpack(results_dir: str | Path) -> bool:
+    """Where a directory holds only the published `archbench.db.gz`, decompress it into
+    `archbench.db` (atomically) so a run resumes it; True if it did."""
+    from archbench.results_dir import write_atomic
+
+    root = Path(results_dir)
+    if (root / DB_NAME).exists() or not (root / GZ_NAME).exists():
+        return False
+    with reading(root) as store:  # decompresses and checks it is a store this archbench reads
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        data = store.path.read_bytes()
+    write_atomic(root / DB_NAME, data)
+    return True
+
 
 def load_results(results_dir: str | Path = "results"):
-    """The cells of a results directory as a pandas DataFrame."""
-    path = Path(results_dir) / DB_NAME
-    if not path.exists():
+    """The cells of a results directory (`archbench.db` or `archbench.db.gz`) as a pandas DataFrame."""
+    if not has_store(results_dir):
+        path = Path(results_dir) / DB_NAME
         raise FileNotFoundError(f"no results store at {path}: run `archbench run --matrix --results {results_dir}`")
-    with Store(results_dir) as store:
+    with reading(results_dir) as store:
         return store.cells()

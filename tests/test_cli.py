@@ -33,7 +33,7 @@ def test_report_without_store_and_corrupt_store(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "archbench.db").write_bytes(b"this is not a database" * 100)
     assert main(["report", "--results", str(tmp_path / "bad")]) == 2
-    assert "unreadable" in capsys.readouterr().err
+    assert "damaged" in capsys.readouterr().err
     assert (tmp_path / "bad" / "archbench.db").read_bytes().startswith(b"this is not")  # left as it was
 
 
@@ -77,3 +77,87 @@ def test_profiles_set_the_seeds(flags, seeds, tmp_path, monkeypatch):
 def test_quick_contradicting_a_profile_is_a_usage_error(tmp_path, capsys):
     assert main(["run", "--matrix", "--quick", "--profile", "full", "--results", str(tmp_path)]) == 2
     assert "--quick" in capsys.readouterr().err
+
+
+# --- run's flags: every value is checked before anything is computed -----------------------
+
+def _capture_run(monkeypatch):
+    """Replace the run and the report by a recorder of what the run was asked to do."""
+    from archbench import report, runner
+
+    seen = {}
+
+    def fake_run(specs, results, **kw):
+        seen.update(specs=specs, **kw)
+        return runner.RunSummary(total=len(specs), skipped=len(specs))
+
+    monkeypatch.setattr(runner, "run_matrix", fake_run)
+    monkeypatch.setattr(report, "is_current", lambda *a, **kw: True, raising=False)
+    monkeypatch.setattr(report, "write", lambda results, **kw: results / "LEADERBOARD.md")
+    return seen
+
+
+@pytest.mark.parametrize("flag", ["--arch", "--technique", "--task"])
+def test_an_empty_name_list_is_refused_not_read_as_all(flag, tmp_path, monkeypatch, capsys):
+    seen = _capture_run(monkeypatch)
+    assert main(["run", "--matrix", flag, "", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flag} needs at least one name" in err and not seen
+
+
+def test_a_name_given_twice_counts_once(tmp_path, monkeypatch):
+    seen = _capture_run(monkeypatch)
+    assert main(["run", "--matrix", "--arch", "transformer,transformer", "--technique", "probe,probe",
+                 "--task", "facts,facts", "--seeds", "1", "--results", str(tmp_path)]) == 0
+    assert len(seen["specs"]) == len(set(seen["specs"])) == 2  # one trained and one control cell
+
+
+def test_a_huge_seed_count_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    from archbench import runner
+
+    def expand(*args):
+        raise AssertionError("a billion seeds were expanded into cells")
+
+    monkeypatch.setattr(runner, "expand", expand)
+    assert main(["run", "--matrix", "--seeds", str(10**9), "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 to 100" in err
+
+
+def test_workers_are_capped_at_the_cores(tmp_path, monkeypatch, capsys):
+    from archbench import cli
+
+    seen = _capture_run(monkeypatch)
+    assert main(["run", "--matrix", "--arch", "transformer", "--technique", "probe", "--task", "facts",
+                 "--workers", "1000", "--results", str(tmp_path)]) == 0
+    assert seen["workers"] == cli._cores() < 1000
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--workers 1000 capped at {cli._cores()}" in err
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "dangling-symlink"])
+def test_an_impossible_results_path_is_a_usage_error(where, tmp_path, monkeypatch, capsys):
+    seen = _capture_run(monkeypatch)
+    (tmp_path / "file").write_text("not a directory")
+    if where == "under-a-file":
+        results = tmp_path / "file" / "results"
+    else:
+        results = tmp_path / "link"
+        results.symlink_to(tmp_path / "gone")
+    assert main(["run", "--matrix", "--arch", "transformer", "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("archbench: error: --results") and err.count("\n") == 1 and not seen
+
+
+def test_an_unreachable_ray_cluster_is_one_line_not_a_hang(tmp_path, monkeypatch, capsys):
+    ray = pytest.importorskip("ray")
+
+    def init(*args, **kw):
+        raise AssertionError("ray.init was called for a cluster nobody answers for (it retries for minutes)")
+
+    monkeypatch.setattr(ray, "init", init)
+    assert main(["run", "--matrix", "--arch", "transformer", "--technique", "probe", "--task", "facts",
+                 "--seeds", "1", "--executor", "ray", "--address", "127.0.0.1:1", "--no-progress",
+                 "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no Ray cluster at 127.0.0.1:1" in err
