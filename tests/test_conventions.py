@@ -249,12 +249,14 @@ def test_zoo_ls_is_an_aligned_table_with_gate_status(capsys):
     zoo.plant("transformer", "modadd", 1, accuracy=0.8996)  # reads 0.899, and fails the 0.90 gate
     assert main(["zoo", "ls"]) == 0
     header, rule, *rows = capsys.readouterr().out.splitlines()
-    assert header.split() == ["arch", "task", "seed", "accuracy", "gate", "0.90", "stopped", "steps", "seconds", "path"]
+    assert header.split() == ["arch", "task", "seed", "accuracy", "gate", "0.90", "stopped", "steps", "seconds",
+                              "check", "path"]
     spans = _columns(rule)
     cells = [[row[a:b].strip() for a, b in spans[:-1]] + [row[spans[-1][0]:].strip()] for row in rows]
     assert [c[:6] for c in cells] == [["transformer", "modadd", "0", "1.000", "pass", "?"],
                                       ["transformer", "modadd", "1", "0.899", "fail", "?"]]
-    assert all(c[8].endswith(("seed0-" + c[8].rsplit("-", 1)[-1], "seed1-" + c[8].rsplit("-", 1)[-1])) for c in cells)
+    assert all(c[8] == "ok" for c in cells)  # planted organisms carry their weights' hash
+    assert all(c[9].endswith(("seed0-" + c[9].rsplit("-", 1)[-1], "seed1-" + c[9].rsplit("-", 1)[-1])) for c in cells)
     assert main(["zoo", "ls", "--gate", "0.85"]) == 0  # the status follows the gate asked for
     header, _, *rows = capsys.readouterr().out.splitlines()
     assert "gate 0.85" in header and all(" pass " in row for row in rows)
