@@ -179,7 +179,8 @@ def test_latex_tables_file_is_the_tables_alone(written):
         assert preamble not in code, preamble
     assert r"\usepackage{booktabs,longtable,array,amssymb,graphicx}" in tables.splitlines()[1]  # says what it needs
     # matrix tables are captioned, labelled floats; long lists captioned longtables
-    assert code.count(r"\begin{table}") == 3 and code.count(r"\begin{longtable}") == 7  # 5 techniques, errors, provenance
+    # matrices: transfer, behaviour, controls above 0.2, similarity; lists: 5 techniques, errors, provenance
+    assert code.count(r"\begin{table}") == 4 and code.count(r"\begin{longtable}") == 7
     for key in ("transfer", "behaviour", "similarity", "task-probe", "task-logit-lens", "provenance"):
         assert rf"\label{{tab:{key}}}" in code, key
     assert re.search(r"\\begin\{longtable\}\{[^\n]*\}\n\\caption\[\{probe: scores per task\}\]\{.*\}\\label\{tab:task-probe\} \\\\", code)
