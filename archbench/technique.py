@@ -42,7 +42,7 @@ class Result:
 
 
 class Technique(abc.ABC):
-    """Subclasses set `name`, `roles` (any one suffices unless `all_roles`), `capabilities`,
+    """Subclasses set `name`, `roles` (any one of them suffices), `capabilities`,
     and implement `run`. Knobs live in `default_config`, overridable per run."""
 
     name: ClassVar[str]
