@@ -9,6 +9,7 @@ commands (the test job, scancel) runs against small stand-in `sbatch` and `scanc
 
 import functools
 import os
+import signal
 import stat
 import sys
 import time
@@ -104,16 +105,24 @@ def test_map_runs_organism_jobs_in_order_of_submission(tmp_path):
 
 
 def test_cancel_stops_the_jobs_in_flight(tmp_path):
-    ex = slurm_executor.SlurmExecutor(2, cluster="local", folder=tmp_path / "jobs" / "%j")
-    ex.submit("a", time.sleep, (600,))
-    ex.submit("b", time.sleep, (600,))
-    jobs = list(ex._in_flight)
-    ex.cancel()
-    for job in jobs:
-        job._process.wait(timeout=120)  # the job's controller, which ends its task with it
-        assert not job.paths.result_pickle.exists()
-    with pytest.raises(RuntimeError, match="no job in flight"):
-        ex.next_done(0)
+    # submitit's local cluster cancels with SIGINT. A test run started in the background by a
+    # non-interactive shell has SIGINT ignored, and its job controllers would inherit that, so
+    # this process gets a SIGINT handler for the test (a handled signal is reset to the default
+    # in a child, an ignored one is not)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ex = slurm_executor.SlurmExecutor(2, cluster="local", folder=tmp_path / "jobs" / "%j")
+        ex.submit("a", time.sleep, (600,))
+        ex.submit("b", time.sleep, (600,))
+        jobs = list(ex._in_flight)
+        ex.cancel()
+        for job in jobs:
+            job._process.wait(timeout=120)  # the job's controller, which ends its task with it
+            assert not job.paths.result_pickle.exists()
+        with pytest.raises(RuntimeError, match="no job in flight"):
+            ex.next_done(0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def fake_command(folder, name: str, script: str) -> None:
