@@ -472,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", help="comma-separated tasks (default: all)")
     s.add_argument("--seeds", type=_positive, help="build: number of seeds (default 1)")
     s.add_argument("--workers", type=_positive, help="build: worker processes (default 1)")
-    s.add_argument("--gate", type=_fraction, help="build: held-out accuracy an organism needs (default 0.9)")
+    s.add_argument("--gate", type=_fraction, help="held-out accuracy an organism needs (default 0.9): "
+                   "build gates on it, ls shows pass or fail against it")
     s.add_argument("--no-retrain", action="store_true",
                    help="build: stop (exit 2) instead of rebuilding a cached organism that fails its integrity checks")
     s.set_defaults(fn=cmd_zoo)
