@@ -36,8 +36,8 @@ from transformers import BertConfig, BertForMaskedLM
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
 from archbench import hf_attention
-from archbench.adapter import Adapter, RunOutput, Site
-from archbench.hooks import HookSpec, InterventionLike
+from archbench.adapter import Adapter, Hook, RunOutput, Site, hook
+from archbench.hooks import InterventionLike
 
 D = ("batch", "pos", "d_model")
 
@@ -155,27 +155,17 @@ class DiffusionAdapter(Adapter):
     def decode(self, stream: torch.Tensor) -> torch.Tensor:
         return self.model.cls(stream)[..., : self.mask_id]  # (B, T+1, V)
 
-    def hook_points(self) -> list[HookSpec]:
-        specs = [HookSpec("embed", "embed", D, layer=0)]
-        for i in range(self.config["n_layers"]):
-            specs += [
-                HookSpec(f"blocks.{i}.attn.pattern", "attn_pattern", ("batch", "pos", "head", "key_pos"), layer=i),
-                HookSpec(f"blocks.{i}.attn.out", "mixer", D, layer=i),
-                HookSpec(f"blocks.{i}.mlp.out", "mlp", D, layer=i),
-                HookSpec(f"blocks.{i}.resid_post", "stream", D, layer=i + 1),
-            ]
-        return specs + [HookSpec("logits", "logits", ("batch", "pos", "vocab"), layer=self.config["n_layers"] + 1)]
-
-    def sites(self) -> dict[str, Site]:
+    def hooks(self) -> list[Hook]:
         bert = self.model.bert
-        heads_last = lambda p: p.permute(0, 2, 1, 3)  # (B, nh, q, k) <-> (B, q, nh, k)
-        sites = {"embed": Site(bert.embeddings), "logits": Site(self.model.cls)}
+        heads_last = lambda p: p.permute(0, 2, 1, 3)  # (B, nh, q, k) <-> (B, q, nh, k)  # noqa: E731
+        out = [hook("embed", "embed", D, 0, Site(bert.embeddings))]
         for i, layer in enumerate(bert.encoder.layer):
-            sites.update({
-                f"blocks.{i}.attn.pattern": Site(layer.attention.self.hook_pattern, to_canonical=heads_last,
-                                                 from_canonical=heads_last),
-                f"blocks.{i}.attn.out": Site(layer.attention.output.dense),
-                f"blocks.{i}.mlp.out": Site(layer.output.dense),
-                f"blocks.{i}.resid_post": Site(layer),
-            })
-        return sites
+            out += [
+                hook(f"blocks.{i}.attn.pattern", "attn_pattern", ("batch", "pos", "head", "key_pos"), i,
+                     Site(layer.attention.self.hook_pattern, to_canonical=heads_last, from_canonical=heads_last)),
+                hook(f"blocks.{i}.attn.out", "mixer", D, i, Site(layer.attention.output.dense)),
+                hook(f"blocks.{i}.mlp.out", "mlp", D, i, Site(layer.output.dense)),
+                hook(f"blocks.{i}.resid_post", "stream", D, i + 1, Site(layer)),
+            ]
+        return out + [hook("logits", "logits", ("batch", "pos", "vocab"), len(bert.encoder.layer) + 1,
+                           Site(self.model.cls))]

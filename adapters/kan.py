@@ -51,8 +51,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from archbench.adapter import Adapter, Site
-from archbench.hooks import HookPoint, HookSpec
+from archbench.adapter import Adapter, Hook, Site, hook
+from archbench.hooks import HookPoint
 
 CKPT_PATH = os.path.join(tempfile.gettempdir(), "archbench-pykan")  # never the working dir
 
@@ -164,22 +164,16 @@ class KANAdapter(Adapter):
         """The wrapped pykan MultKAN."""
         return self.model.kan
 
-    def hook_points(self) -> list[HookSpec]:
-        depth = self.kan.depth
-        specs = [HookSpec("input", "embed", ("batch", "pos", "vocab"), layer=0)]
-        for i in range(depth):
-            specs += [HookSpec(f"blocks.{i}.edges", "mlp", ("batch", "pos", "out", "in"), layer=i),
-                      HookSpec(f"blocks.{i}.out", "stream", ("batch", "pos", "d_hidden"), layer=i + 1)]
-        return specs + [HookSpec("logits", "logits", ("batch", "pos", "vocab"), layer=depth + 1)]
-
-    def sites(self) -> dict[str, Site]:
+    def hooks(self) -> list[Hook]:
         to_c, from_c = _aligned(self.config["seq_len"])
-        m = self.model
-        sites = {"input": Site(m.hook_input), "logits": Site(m.hook_logits)}
-        for i in range(self.kan.depth):
-            sites[f"blocks.{i}.edges"] = Site(m.hook_edges[i], to_canonical=to_c, from_canonical=from_c)
-            sites[f"blocks.{i}.out"] = Site(m.hook_out[i], to_canonical=to_c, from_canonical=from_c)
-        return sites
+        m, depth = self.model, self.kan.depth
+        out = [hook("input", "embed", ("batch", "pos", "vocab"), 0, Site(m.hook_input))]
+        for i in range(depth):
+            out += [hook(f"blocks.{i}.edges", "mlp", ("batch", "pos", "out", "in"), i,
+                         Site(m.hook_edges[i], to_canonical=to_c, from_canonical=from_c)),
+                    hook(f"blocks.{i}.out", "stream", ("batch", "pos", "d_hidden"), i + 1,
+                         Site(m.hook_out[i], to_canonical=to_c, from_canonical=from_c))]
+        return out + [hook("logits", "logits", ("batch", "pos", "vocab"), depth + 1, Site(m.hook_logits))]
 
     # ---- pykan's own interpretability --------------------------------------------------
     @torch.no_grad()

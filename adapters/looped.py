@@ -13,7 +13,10 @@ The number of iterations K is `config["n_loops"]` (used in training) and can be 
 inference with `run(tokens, loops=K)` or `set_loops(K)` (up to `max_loops`): the hook-point
 list follows K. Hook points: `embed`, and per iteration k `loops.{k}.attn.out` (mixer),
 `loops.{k}.mlp.out` (mlp), `loops.{k}.resid_post` (stream), then `logits`. The shared
-attention's pattern is not a per-iteration hook point.
+attention's pattern is not a per-iteration hook point. Each also answers to the
+TransformerLens name of the unrolled model, iteration k as block k (`hook_embed`,
+`blocks.{k}.hook_attn_out`, `blocks.{k}.hook_mlp_out`, `blocks.{k}.hook_resid_post`):
+`aliases()`, `archbench.aliases`.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from archbench import hf_attention  # noqa: F401  (registers the "archbench_eager" attention)
-from archbench.adapter import Adapter, RunOutput, Site
-from archbench.hooks import HookPoint, HookSpec, InterventionLike
+from archbench.adapter import Adapter, Hook, RunOutput, Site, hook
+from archbench.aliases import Alias, TLAliases, alias_table
+from archbench.hooks import HookPoint, InterventionLike
 
 D = ("batch", "pos", "d_model")
 
@@ -82,7 +86,7 @@ class LoopedLM(nn.Module):
         return self.lm_head(self.ln_f(h))  # (B, T, vocab)
 
 
-class LoopedAdapter(Adapter):
+class LoopedAdapter(TLAliases, Adapter):
     family = "looped"
     capabilities = frozenset({"gradients", "trainable", "readout"})
     default_config = {"d_model": 64, "n_heads": 4, "n_loops": 4, "max_loops": 16, "inject": False}
@@ -147,19 +151,20 @@ class LoopedAdapter(Adapter):
     def decode(self, stream: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.ln_f(stream))  # (B, T, vocab)
 
-    def hook_points(self) -> list[HookSpec]:
-        specs = [HookSpec("embed", "embed", D, layer=0)]
+    def hooks(self) -> list[Hook]:
+        out = [hook("embed", "embed", D, 0, Site(self.model.hook_embed))]
         for k in range(self.loops):
-            specs += [HookSpec(f"loops.{k}.attn.out", "mixer", D, layer=k),
-                      HookSpec(f"loops.{k}.mlp.out", "mlp", D, layer=k),
-                      HookSpec(f"loops.{k}.resid_post", "stream", D, layer=k + 1)]
-        return specs + [HookSpec("logits", "logits", ("batch", "pos", "vocab"), layer=self.loops + 1)]
+            points = self.model.loops[k]
+            out += [hook(f"loops.{k}.attn.out", "mixer", D, k, Site(points.attn_out)),
+                    hook(f"loops.{k}.mlp.out", "mlp", D, k, Site(points.mlp_out)),
+                    hook(f"loops.{k}.resid_post", "stream", D, k + 1, Site(points.resid_post))]
+        return out + [hook("logits", "logits", ("batch", "pos", "vocab"), self.loops + 1, Site(self.model.lm_head))]
 
-    def sites(self) -> dict[str, Site]:
-        sites = {"embed": Site(self.model.hook_embed), "logits": Site(self.model.lm_head)}
+    def aliases(self) -> dict[str, Alias]:
+        """TransformerLens's names of the unrolled model (iteration k is block k) -> these hook points."""
+        rows = [("hook_embed", "embed")]
         for k in range(self.loops):
-            hooks = self.model.loops[k]
-            sites.update({f"loops.{k}.attn.out": Site(hooks.attn_out),
-                          f"loops.{k}.mlp.out": Site(hooks.mlp_out),
-                          f"loops.{k}.resid_post": Site(hooks.resid_post)})
-        return sites
+            rows += [(f"blocks.{k}.hook_attn_out", f"loops.{k}.attn.out"),
+                     (f"blocks.{k}.hook_mlp_out", f"loops.{k}.mlp.out"),
+                     (f"blocks.{k}.hook_resid_post", f"loops.{k}.resid_post")]
+        return alias_table(rows, self.specs)

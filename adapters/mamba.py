@@ -36,15 +36,15 @@ Hook points: `embed`, per block `blocks.{i}.ssm.state` (state), `blocks.{i}.ssm.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 import torch
 from torch.nn import functional as F
 from transformers import MambaConfig, MambaForCausalLM
 from transformers.models.mamba import modeling_mamba as hf_mamba
 
-from archbench.adapter import Adapter, RunOutput, Site
-from archbench.hooks import HookPoint, HookSpec, InterventionLike
+from archbench.adapter import Adapter, Hook, Site, hook
+from archbench.hooks import StateHookPoint
 
 D = ("batch", "pos", "d_model")
 STATE = ("batch", "pos", "d_inner", "d_state")
@@ -104,8 +104,7 @@ class HookedScan:
     `scan_forward`'s unhooked path.
     """
 
-    hook_state: HookPoint
-    last_states: torch.Tensor | None
+    hook_state: StateHookPoint
     own_unhooked: bool = False
 
     @property
@@ -119,14 +118,14 @@ class HookedScan:
         return self.scan_forward(hidden_states, attention_mask)
 
     def hooked_states(self, dA: torch.Tensor, dBx: torch.Tensor) -> torch.Tensor:
-        """Run the scan, pass its states through `hook_state`, and rerun it through any edit."""
+        """Run the scan, pass its states through `hook_state`, and rerun it through any edit
+        (recording the states it then used on the hook point, for `Adapter.run`'s cache)."""
         clean = scan(dA, dBx)  # (B, T, *state)
         states = self.hook_state(clean)
-        self.last_states = None
         if states is not clean:  # an intervention edited some steps: rerun the scan through them
             changed = (states != clean).flatten(2).any(-1)  # (B, T)
             states = scan(dA, dBx, states, changed)
-            self.last_states = states
+            self.hook_state.used = states
         return states
 
 
@@ -198,8 +197,7 @@ class MambaAdapter(Adapter):
         for block in model.backbone.layers:
             if not isinstance(block.mixer, cls.mixer_class):
                 block.mixer.__class__ = cls.mixer_class  # same parameters, one HookPoint more
-                block.mixer.hook_state = HookPoint()
-                block.mixer.last_states = None
+                block.mixer.hook_state = StateHookPoint()
         return model.eval()
 
     @classmethod
@@ -217,36 +215,12 @@ class MambaAdapter(Adapter):
     def decode(self, stream: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.backbone.norm_f(stream))  # (B, T, vocab)
 
-    def run(self, tokens: torch.Tensor, cache: Iterable[str] | str | None = None,
-            interventions: Mapping[str, InterventionLike] | None = None,
-            grad: bool = False) -> RunOutput:
-        """`Adapter.run`; an edited state site's cache holds the states the scan actually used."""
-        try:
-            out = super().run(tokens, cache, interventions, grad)
-            for i, block in enumerate(self.model.backbone.layers):
-                name = f"blocks.{i}.ssm.state"
-                if name in out.cache and block.mixer.last_states is not None:
-                    used = block.mixer.last_states
-                    out.cache[name] = used if grad else used.detach()
-            return out
-        finally:
-            for block in self.model.backbone.layers:
-                block.mixer.last_states = None
-
-    def hook_points(self) -> list[HookSpec]:
-        specs = [HookSpec("embed", "embed", D, layer=0)]
-        for i in range(self.config["n_layers"]):
-            specs += [HookSpec(f"blocks.{i}.ssm.state", "state", self.state_axes, layer=i),
-                      HookSpec(f"blocks.{i}.ssm.out", "mixer", D, layer=i),
-                      HookSpec(f"blocks.{i}.resid_post", "stream", D, layer=i + 1)]
-        return specs + [HookSpec("logits", "logits", ("batch", "pos", "vocab"),
-                                 layer=self.config["n_layers"] + 1)]
-
-    def sites(self) -> dict[str, Site]:
+    def hooks(self) -> list[Hook]:
         backbone = self.model.backbone
-        sites = {"embed": Site(backbone.embeddings), "logits": Site(self.model.lm_head)}
+        out = [hook("embed", "embed", D, 0, Site(backbone.embeddings))]
         for i, block in enumerate(backbone.layers):
-            sites.update({f"blocks.{i}.ssm.state": Site(block.mixer.hook_state),
-                          f"blocks.{i}.ssm.out": Site(block.mixer),
-                          f"blocks.{i}.resid_post": Site(block)})
-        return sites
+            out += [hook(f"blocks.{i}.ssm.state", "state", self.state_axes, i, Site(block.mixer.hook_state)),
+                    hook(f"blocks.{i}.ssm.out", "mixer", D, i, Site(block.mixer)),
+                    hook(f"blocks.{i}.resid_post", "stream", D, i + 1, Site(block))]
+        return out + [hook("logits", "logits", ("batch", "pos", "vocab"), len(backbone.layers) + 1,
+                           Site(self.model.lm_head))]

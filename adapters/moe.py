@@ -38,9 +38,9 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.mixtral.modeling_mixtral import MixtralAttention, MixtralTopKRouter
 
 from archbench import hf_attention
-from archbench.adapter import Site
+from archbench.adapter import Hook, Site, hook
 from archbench.adapters.transformer import D, TransformerAdapter
-from archbench.hooks import HookPoint, HookSpec
+from archbench.hooks import HookPoint
 
 EXPERTS_NAME = "archbench_experts"
 
@@ -85,7 +85,7 @@ class HookedRouter(MixtralTopKRouter):
 
 class MoEAdapter(TransformerAdapter):
     # The reference transformer's blocks, hooks and training knobs; only the feed-forward
-    # part (`_mlp_specs`, `_mlp_sites`) is the routed mixture of experts.
+    # part (`_mlp_hooks`) is the routed mixture of experts.
 
     family = "moe"
     capabilities = frozenset({"gradients", "trainable", "attention", "router", "readout"})
@@ -136,21 +136,13 @@ class MoEAdapter(TransformerAdapter):
         self._bt = tuple(tokens.shape[:2])
         return super().forward(tokens)  # (B, T, vocab)
 
-    def _mlp_specs(self, i: int) -> list[HookSpec]:
-        return [HookSpec(f"blocks.{i}.moe.router", "router", ("batch", "pos", "expert"), layer=i),
-                *[HookSpec(f"blocks.{i}.moe.experts.{e}.out", "expert", D, layer=i)
-                  for e in range(self.config["n_experts"])],
-                HookSpec(f"blocks.{i}.moe.out", "mlp", D, layer=i)]
-
-    def _mlp_sites(self, i: int, block) -> dict[str, Site]:
-        moe = block.mlp
-        sites = {f"blocks.{i}.moe.router": Site(moe.gate.hook_logits, to_canonical=self._unflatten,
-                                                from_canonical=self._flatten),
-                 f"blocks.{i}.moe.out": Site(moe)}
-        for e, hook in enumerate(moe.experts.hook_expert):
-            sites[f"blocks.{i}.moe.experts.{e}.out"] = Site(hook, to_canonical=self._unflatten,
-                                                            from_canonical=self._flatten)
-        return sites
+    def _mlp_hooks(self, i: int, block) -> list[Hook]:
+        moe, b = block.mlp, f"blocks.{i}.moe"
+        flat = dict(to_canonical=self._unflatten, from_canonical=self._flatten)
+        return [hook(f"{b}.router", "router", ("batch", "pos", "expert"), i, Site(moe.gate.hook_logits, **flat)),
+                *[hook(f"{b}.experts.{e}.out", "expert", D, i, Site(point, **flat))
+                  for e, point in enumerate(moe.experts.hook_expert)],
+                hook(f"{b}.out", "mlp", D, i, Site(moe))]
 
     def _mlp_aliases(self) -> list[tuple]:
         # TransformerLens hooks an expert's hidden activation, not its output, and its MoE

@@ -44,9 +44,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from archbench.adapter import Site
+from archbench.adapter import Hook, Site, hook
 from archbench.adapters.reservoir import ReservoirAdapter
-from archbench.hooks import HookPoint, HookSpec
+from archbench.hooks import HookPoint
 from archbench.stepwise import StepHookPoint, StepSite
 
 
@@ -105,16 +105,12 @@ class NVARAdapter(ReservoirAdapter):
             net.W_out.copy_(torch.randn(F_, V, dtype=torch.float64) / F_ ** 0.5)
         return net
 
-    def hook_points(self) -> list[HookSpec]:
-        return [HookSpec("input", "embed", ("batch", "pos", "vocab"), layer=0),
-                HookSpec("nvar.delay", "state", ("batch", "pos", "delay", "vocab"), layer=1),
-                HookSpec("nvar.features", "stream", ("batch", "pos", "features"), layer=2),
-                HookSpec("logits", "logits", ("batch", "pos", "vocab"), layer=3)]
-
-    def sites(self) -> dict[str, Site]:
+    def hooks(self) -> list[Hook]:
         m = self.model
-        return {"input": Site(m.hook_input), "nvar.delay": StepSite(m.hook_delay),
-                "nvar.features": Site(m.hook_features), "logits": Site(m.hook_logits)}
+        return [hook("input", "embed", ("batch", "pos", "vocab"), 0, Site(m.hook_input)),
+                hook("nvar.delay", "state", ("batch", "pos", "delay", "vocab"), 1, StepSite(m.hook_delay)),
+                hook("nvar.features", "stream", ("batch", "pos", "features"), 2, Site(m.hook_features)),
+                hook("logits", "logits", ("batch", "pos", "vocab"), 3, Site(m.hook_logits))]
 
     # ---- reservoirpy, the oracle -------------------------------------------------------
     def to_reservoirpy(self):

@@ -43,8 +43,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from archbench.adapter import Adapter, Site, TrainReport
-from archbench.hooks import HookPoint, HookSpec
+from archbench.adapter import Adapter, Hook, Site, TrainReport, hook
+from archbench.hooks import HookPoint
 from archbench.stepwise import StepHookPoint, StepSite, StepwiseAttach
 
 
@@ -122,15 +122,11 @@ class ReservoirAdapter(StepwiseAttach, Adapter):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)  # (B, T, V)
 
-    def hook_points(self) -> list[HookSpec]:
-        return [HookSpec("input", "embed", ("batch", "pos", "vocab"), layer=0),
-                HookSpec("reservoir.state", "state", ("batch", "pos", "units"), layer=1),
-                HookSpec("logits", "logits", ("batch", "pos", "vocab"), layer=2)]
-
-    def sites(self) -> dict[str, Site]:
+    def hooks(self) -> list[Hook]:
         m = self.model
-        return {"input": Site(m.hook_input), "reservoir.state": StepSite(m.hook_state),
-                "logits": Site(m.hook_logits)}
+        return [hook("input", "embed", ("batch", "pos", "vocab"), 0, Site(m.hook_input)),
+                hook("reservoir.state", "state", ("batch", "pos", "units"), 1, StepSite(m.hook_state)),
+                hook("logits", "logits", ("batch", "pos", "vocab"), 2, Site(m.hook_logits))]
 
     # ---- reservoirpy, the oracle -------------------------------------------------------
     def to_reservoirpy(self):

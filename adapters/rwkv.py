@@ -33,14 +33,14 @@ Hook points: `embed`, per block `blocks.{i}.wkv.state` (state), `blocks.{i}.wkv.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from transformers import RwkvConfig, RwkvForCausalLM
 from transformers.models.rwkv.modeling_rwkv import RwkvSelfAttention
 
-from archbench.adapter import Adapter, RunOutput, Site
-from archbench.hooks import HookPoint, HookSpec, InterventionLike
+from archbench.adapter import Adapter, Hook, Site, hook
+from archbench.hooks import StateHookPoint
 
 D = ("batch", "pos", "d_model")
 STATE = ("batch", "pos", "wkv_part", "d_att")
@@ -49,7 +49,7 @@ STATE = ("batch", "pos", "wkv_part", "d_att")
 class HookedRwkvSelfAttention(RwkvSelfAttention):
     """transformers' RWKV time mixing whose per-step WKV state is a HookPoint."""
 
-    hook_state: HookPoint
+    hook_state: StateHookPoint
 
     def forward(self, hidden, state=None, use_cache=False):
         hook = self.hook_state
@@ -62,11 +62,10 @@ class HookedRwkvSelfAttention(RwkvSelfAttention):
             return self.output(receptance * out), None
         out, clean = self.wkv(key, value)
         states = self.hook_state(clean)  # (B, T, 3, d_att)
-        self.last_states = None
         if states is not clean:  # edited: rerun the recurrence through the edited steps
             changed = (states != clean).flatten(2).any(-1)  # (B, T)
             out, states = self.wkv(key, value, states, changed)
-            self.last_states = states
+            self.hook_state.used = states  # the states the recurrence used, for Adapter.run's cache
         return self.output(receptance * out), None
 
     def wkv(self, key, value, edited=None, changed=None, keep_states=True):
@@ -137,8 +136,7 @@ class RWKVAdapter(Adapter):
         for block in model.rwkv.blocks:
             if not isinstance(block.attention, HookedRwkvSelfAttention):
                 block.attention.__class__ = HookedRwkvSelfAttention  # same parameters, one HookPoint more
-                block.attention.hook_state = HookPoint()
-                block.attention.last_states = None
+                block.attention.hook_state = StateHookPoint()
         return model.eval()
 
     @classmethod
@@ -156,38 +154,13 @@ class RWKVAdapter(Adapter):
     def decode(self, stream: torch.Tensor) -> torch.Tensor:
         return self.model.head(self.model.rwkv.ln_out(stream))  # (B, T, vocab)
 
-    def run(self, tokens: torch.Tensor, cache: Iterable[str] | str | None = None,
-            interventions: Mapping[str, InterventionLike] | None = None,
-            grad: bool = False) -> RunOutput:
-        """`Adapter.run`; an edited state site's cache holds the states the recurrence used."""
-        try:
-            out = super().run(tokens, cache, interventions, grad)
-            for i, block in enumerate(self.model.rwkv.blocks):
-                name = f"blocks.{i}.wkv.state"
-                if name in out.cache and block.attention.last_states is not None:
-                    used = block.attention.last_states
-                    out.cache[name] = used if grad else used.detach()
-            return out
-        finally:
-            for block in self.model.rwkv.blocks:
-                block.attention.last_states = None
-
-    def hook_points(self) -> list[HookSpec]:
-        specs = [HookSpec("embed", "embed", D, layer=0)]
-        for i in range(self.config["n_layers"]):
-            specs += [HookSpec(f"blocks.{i}.wkv.state", "state", STATE, layer=i),
-                      HookSpec(f"blocks.{i}.wkv.out", "mixer", D, layer=i),
-                      HookSpec(f"blocks.{i}.ffn.out", "mlp", D, layer=i),
-                      HookSpec(f"blocks.{i}.resid_post", "stream", D, layer=i + 1)]
-        return specs + [HookSpec("logits", "logits", ("batch", "pos", "vocab"),
-                                 layer=self.config["n_layers"] + 1)]
-
-    def sites(self) -> dict[str, Site]:
+    def hooks(self) -> list[Hook]:
         rwkv = self.model.rwkv
-        sites = {"embed": Site(rwkv.embeddings), "logits": Site(self.model.head)}
+        out = [hook("embed", "embed", D, 0, Site(rwkv.embeddings))]
         for i, block in enumerate(rwkv.blocks):
-            sites.update({f"blocks.{i}.wkv.state": Site(block.attention.hook_state),
-                          f"blocks.{i}.wkv.out": Site(block.attention, index=0),
-                          f"blocks.{i}.ffn.out": Site(block.feed_forward, index=0),
-                          f"blocks.{i}.resid_post": Site(block, index=0)})
-        return sites
+            out += [hook(f"blocks.{i}.wkv.state", "state", STATE, i, Site(block.attention.hook_state)),
+                    hook(f"blocks.{i}.wkv.out", "mixer", D, i, Site(block.attention, index=0)),
+                    hook(f"blocks.{i}.ffn.out", "mlp", D, i, Site(block.feed_forward, index=0)),
+                    hook(f"blocks.{i}.resid_post", "stream", D, i + 1, Site(block, index=0))]
+        return out + [hook("logits", "logits", ("batch", "pos", "vocab"), len(rwkv.blocks) + 1,
+                           Site(self.model.head))]

@@ -46,14 +46,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from archbench.adapter import Adapter, RunOutput, Site, TrainReport
-from archbench.hooks import HookPoint, HookSpec, InterventionLike
+from archbench.adapter import Adapter, Hook, Site, TrainReport, hook
+from archbench.hooks import HookPoint, HookSpec
 from archbench.stepwise import StepHookPoint
 
 D = ("batch", "pos", "d_model")
@@ -330,32 +330,17 @@ class RWKVPthAdapter(Adapter):
         x = F.layer_norm(stream, (stream.shape[-1],), weight=w["ln_out.weight"], bias=w["ln_out.bias"])
         return x @ w["head.weight"]  # (B, T, vocab); the package stores head.weight transposed
 
-    def run(self, tokens: torch.Tensor, cache: Iterable[str] | str | None = None,
-            interventions: Mapping[str, InterventionLike] | None = None,
-            grad: bool = False) -> RunOutput:
-        if grad:
-            raise ValueError("rwkv_pth has no gradients: the rwkv package runs under torch.no_grad")
-        return super().run(tokens, cache, interventions, grad)
-
     def _attach(self, site, spec, intervention, store, grad):
         if isinstance(site, ExampleSite):
             return attach_per_example(site, spec, intervention, store)
         return super()._attach(site, spec, intervention, store, grad)
 
-    def hook_points(self) -> list[HookSpec]:
-        specs = [HookSpec("embed", "embed", D, layer=0)]
-        for i in range(self.config["n_layers"]):
-            specs += [HookSpec(f"blocks.{i}.wkv.out", "mixer", D, layer=i),
-                      HookSpec(f"blocks.{i}.ffn.out", "mlp", D, layer=i),
-                      HookSpec(f"blocks.{i}.resid_post", "stream", D, layer=i + 1)]
-        return specs + [HookSpec("logits", "logits", ("batch", "pos", "vocab"),
-                                 layer=self.config["n_layers"] + 1)]
-
-    def sites(self) -> dict[str, Site]:
+    def hooks(self) -> list[Hook]:
         m = self.model
-        sites: dict[str, Site] = {"embed": ExampleSite(m.hook_embed), "logits": Site(m.hook_logits)}
+        out = [hook("embed", "embed", D, 0, ExampleSite(m.hook_embed))]
         for i in range(self.config["n_layers"]):
-            sites.update({f"blocks.{i}.wkv.out": ExampleSite(m.hook_wkv[i]),
-                          f"blocks.{i}.ffn.out": ExampleSite(m.hook_ffn[i]),
-                          f"blocks.{i}.resid_post": ExampleSite(m.hook_resid[i])})
-        return sites
+            out += [hook(f"blocks.{i}.wkv.out", "mixer", D, i, ExampleSite(m.hook_wkv[i])),
+                    hook(f"blocks.{i}.ffn.out", "mlp", D, i, ExampleSite(m.hook_ffn[i])),
+                    hook(f"blocks.{i}.resid_post", "stream", D, i + 1, ExampleSite(m.hook_resid[i]))]
+        return out + [hook("logits", "logits", ("batch", "pos", "vocab"), self.config["n_layers"] + 1,
+                           Site(m.hook_logits))]

@@ -34,8 +34,8 @@ import snntorch as snn
 import torch
 from torch import nn
 
-from archbench.adapter import Adapter, Site
-from archbench.hooks import HookPoint, HookSpec
+from archbench.adapter import Adapter, Hook, Site, hook
+from archbench.hooks import HookPoint
 from archbench.stepwise import StepHookPoint, StepSite, StepwiseAttach
 
 N = ("batch", "pos", "neuron")
@@ -102,17 +102,10 @@ class SpikingAdapter(StepwiseAttach, Adapter):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)  # (B, T, V)
 
-    def hook_points(self) -> list[HookSpec]:
-        specs = [HookSpec("input", "embed", ("batch", "pos", "d_model"), layer=0)]
-        for i in range(self.config["n_layers"]):
-            specs += [HookSpec(f"blocks.{i}.mem", "state", N, layer=i + 1),
-                      HookSpec(f"blocks.{i}.spk", "stream", N, layer=i + 1)]
-        return specs + [HookSpec("logits", "logits", ("batch", "pos", "vocab"),
-                                 layer=self.config["n_layers"] + 1)]
-
-    def sites(self) -> dict[str, Site]:
-        sites = {"input": Site(self.model.hook_input), "logits": Site(self.model.hook_logits)}
+    def hooks(self) -> list[Hook]:
+        out = [hook("input", "embed", ("batch", "pos", "d_model"), 0, Site(self.model.hook_input))]
         for i, block in enumerate(self.model.blocks):
-            sites[f"blocks.{i}.spk"] = StepSite(block.hook_spk)
-            sites[f"blocks.{i}.mem"] = StepSite(block.hook_mem)
-        return sites
+            out += [hook(f"blocks.{i}.mem", "state", N, i + 1, StepSite(block.hook_mem)),
+                    hook(f"blocks.{i}.spk", "stream", N, i + 1, StepSite(block.hook_spk))]
+        return out + [hook("logits", "logits", ("batch", "pos", "vocab"), len(self.model.blocks) + 1,
+                           Site(self.model.hook_logits))]

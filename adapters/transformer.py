@@ -35,13 +35,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from archbench import hf_attention, hf_norm
-from archbench.adapter import Adapter, Site
+from archbench.adapter import Adapter, Hook, Site, hook
 from archbench.aliases import HEADS_FIRST, Alias, TLAliases, alias_table, tl_rows
-from archbench.hooks import HookSpec
 
 D = ("batch", "pos", "d_model")
 HEADS = ("batch", "pos", "head", "d_head")
 MLP_HIDDEN = ("batch", "pos", "d_mlp")
+PATTERN = ("batch", "pos", "head", "key_pos")
 
 
 def _heads_last(pattern: torch.Tensor) -> torch.Tensor:
@@ -107,53 +107,39 @@ class TransformerAdapter(TLAliases, Adapter):
     def decode(self, stream: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(stream))  # (B, T, vocab)
 
-    def hook_points(self) -> list[HookSpec]:
-        specs = [HookSpec("embed", "embed", D, layer=0)]
-        for i in range(self.config["n_layers"]):
-            b = f"blocks.{i}"
-            specs += [
-                HookSpec(f"{b}.resid_pre", "other", D, layer=i),
-                HookSpec(f"{b}.attn_norm.normalized", "other", D, layer=i),
-                *[HookSpec(f"{b}.attn.{x}", "other", HEADS, layer=i) for x in ("q", "k", "v", "rot_q", "rot_k")],
-                HookSpec(f"{b}.attn.scores", "other", ("batch", "pos", "head", "key_pos"), layer=i),
-                HookSpec(f"{b}.attn.pattern", "attn_pattern", ("batch", "pos", "head", "key_pos"), layer=i),
-                HookSpec(f"{b}.attn.z", "other", HEADS, layer=i),
-                HookSpec(f"{b}.attn.head_out", "other", ("batch", "pos", "head", "d_model"), layer=i),
-                HookSpec(f"{b}.attn.out", "mixer", D, layer=i),
-                HookSpec(f"{b}.resid_mid", "other", D, layer=i),
-                HookSpec(f"{b}.mlp_norm.normalized", "other", D, layer=i),
-                *self._mlp_specs(i),
-                HookSpec(f"{b}.resid_post", "stream", D, layer=i + 1),
-            ]
-        n = self.config["n_layers"]
-        return specs + [HookSpec("final_norm.normalized", "other", D, layer=n),
-                        HookSpec("logits", "logits", ("batch", "pos", "vocab"), layer=n + 1)]
-
-    def sites(self) -> dict[str, Site]:
+    def hooks(self) -> list[Hook]:
         llama = self.model.model
-        sites = {"embed": Site(llama.embed_tokens), "logits": Site(self.model.lm_head),
-                 "final_norm.normalized": Site(llama.norm.hook_normalized)}
+        out = [hook("embed", "embed", D, 0, Site(llama.embed_tokens))]
         for i, block in enumerate(llama.layers):
             b, attn = f"blocks.{i}", block.self_attn
             split = _split_heads(attn.head_dim)
             heads = lambda module: Site(module, to_canonical=split, from_canonical=_merge_heads)  # noqa: E731
-            rotated = lambda hook: Site(hook, to_canonical=_swap_pos_heads, from_canonical=_swap_pos_heads)  # noqa: E731
-            sites.update({
-                f"{b}.resid_pre": Site(block, where="input"),
-                f"{b}.attn_norm.normalized": Site(block.input_layernorm.hook_normalized),
-                f"{b}.attn.q": heads(attn.q_proj), f"{b}.attn.k": heads(attn.k_proj), f"{b}.attn.v": heads(attn.v_proj),
-                f"{b}.attn.rot_q": rotated(attn.hook_rot_q), f"{b}.attn.rot_k": rotated(attn.hook_rot_k),
-                f"{b}.attn.scores": Site(attn.hook_scores, to_canonical=_heads_last, from_canonical=_heads_last),
-                f"{b}.attn.pattern": Site(attn.hook_pattern, to_canonical=_heads_last, from_canonical=_heads_last),
-                f"{b}.attn.z": Site(attn.o_proj, where="input", to_canonical=split, from_canonical=_merge_heads),
-                f"{b}.attn.head_out": Site(attn.o_proj.hook_result),
-                f"{b}.attn.out": Site(attn, index=0),
-                f"{b}.resid_mid": Site(block.post_attention_layernorm, where="input"),
-                f"{b}.mlp_norm.normalized": Site(block.post_attention_layernorm.hook_normalized),
-                **self._mlp_sites(i, block),
-                f"{b}.resid_post": Site(block),
-            })
-        return sites
+            rotated = lambda point: Site(point, to_canonical=_swap_pos_heads, from_canonical=_swap_pos_heads)  # noqa: E731
+            out += [
+                hook(f"{b}.resid_pre", "other", D, i, Site(block, where="input")),
+                hook(f"{b}.attn_norm.normalized", "other", D, i, Site(block.input_layernorm.hook_normalized)),
+                hook(f"{b}.attn.q", "other", HEADS, i, heads(attn.q_proj)),
+                hook(f"{b}.attn.k", "other", HEADS, i, heads(attn.k_proj)),
+                hook(f"{b}.attn.v", "other", HEADS, i, heads(attn.v_proj)),
+                hook(f"{b}.attn.rot_q", "other", HEADS, i, rotated(attn.hook_rot_q)),
+                hook(f"{b}.attn.rot_k", "other", HEADS, i, rotated(attn.hook_rot_k)),
+                hook(f"{b}.attn.scores", "other", PATTERN, i,
+                     Site(attn.hook_scores, to_canonical=_heads_last, from_canonical=_heads_last)),
+                hook(f"{b}.attn.pattern", "attn_pattern", PATTERN, i,
+                     Site(attn.hook_pattern, to_canonical=_heads_last, from_canonical=_heads_last)),
+                hook(f"{b}.attn.z", "other", HEADS, i,
+                     Site(attn.o_proj, where="input", to_canonical=split, from_canonical=_merge_heads)),
+                hook(f"{b}.attn.head_out", "other", ("batch", "pos", "head", "d_model"), i,
+                     Site(attn.o_proj.hook_result)),
+                hook(f"{b}.attn.out", "mixer", D, i, Site(attn, index=0)),
+                hook(f"{b}.resid_mid", "other", D, i, Site(block.post_attention_layernorm, where="input")),
+                hook(f"{b}.mlp_norm.normalized", "other", D, i, Site(block.post_attention_layernorm.hook_normalized)),
+                *self._mlp_hooks(i, block),
+                hook(f"{b}.resid_post", "stream", D, i + 1, Site(block)),
+            ]
+        n = len(llama.layers)
+        return out + [hook("final_norm.normalized", "other", D, n, Site(llama.norm.hook_normalized)),
+                      hook("logits", "logits", ("batch", "pos", "vocab"), n + 1, Site(self.model.lm_head))]
 
     def aliases(self) -> dict[str, Alias]:
         """TransformerLens's hook names (HookedTransformer, rotary models) -> these hook points."""
@@ -171,14 +157,12 @@ class TransformerAdapter(TLAliases, Adapter):
         return alias_table(rows, self.specs)
 
     # The feed-forward part of a block: one dense SwiGLU MLP here; the MoE adapter overrides these.
-    def _mlp_specs(self, i: int) -> list[HookSpec]:
-        return [HookSpec(f"blocks.{i}.mlp.{x}", "other", MLP_HIDDEN, layer=i) for x in ("gate", "up", "hidden")] + [
-            HookSpec(f"blocks.{i}.mlp.out", "mlp", D, layer=i)]
-
-    def _mlp_sites(self, i: int, block) -> dict[str, Site]:
-        mlp = block.mlp
-        return {f"blocks.{i}.mlp.gate": Site(mlp.gate_proj), f"blocks.{i}.mlp.up": Site(mlp.up_proj),
-                f"blocks.{i}.mlp.hidden": Site(mlp.down_proj, where="input"), f"blocks.{i}.mlp.out": Site(mlp)}
+    def _mlp_hooks(self, i: int, block) -> list[Hook]:
+        mlp, b = block.mlp, f"blocks.{i}.mlp"
+        return [hook(f"{b}.gate", "other", MLP_HIDDEN, i, Site(mlp.gate_proj)),
+                hook(f"{b}.up", "other", MLP_HIDDEN, i, Site(mlp.up_proj)),
+                hook(f"{b}.hidden", "other", MLP_HIDDEN, i, Site(mlp.down_proj, where="input")),
+                hook(f"{b}.out", "mlp", D, i, Site(mlp))]
 
     def _mlp_aliases(self) -> list[tuple]:
         """(TransformerLens suffix, archbench suffix) pairs under `blocks.{i}` (gated MLP:

@@ -7,10 +7,13 @@ An adapter builds a model sized for a task, trains it into an organism, saves an
     out.logits            # (batch, pos, vocab)
     out.cache[name]       # (batch, pos, *features)
 
-Torch adapters describe each hook point as a `Site` (a module, input or output, which tuple
-element, how to reshape to the canonical axes) and inherit `run`, which registers plain
+Torch adapters declare each hook point once, in `hooks()`, as a `Hook`: its `HookSpec`
+(name, role, axes, depth) and its `Site` (a module, input or output, which tuple element, how
+to reshape to the canonical axes). They inherit `run`, which registers plain
 `register_forward_hook`s with `prepend=True` (so edits are seen by any hook the wrapped
 library registered itself) and removes them in `finally`, even when the forward raises.
+Declared capabilities are checked against what the adapter exposes: names when the class is
+defined (the registry imports it), roles when its hook points are first listed.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from archbench.hooks import HookSpec, InterventionLike, ROLES
+from archbench.hooks import HookSpec, InterventionLike, ROLES, StateHookPoint
 
 # Capabilities an adapter may declare; techniques list the ones they need.
 CAPABILITIES = {
@@ -38,6 +41,9 @@ CAPABILITIES = {
     "router": "expert routing is a hook point",
     "readout": "the final readout can decode an intermediate stream activation (decode())",
 }
+# capability -> the hook role an adapter that declares it must expose (and one that exposes
+# the role must declare it, or techniques needing it would skip a family that has it)
+CAPABILITY_ROLES = {"attention": "attn_pattern", "recurrent_state": "state", "router": "router"}
 
 
 @dataclass
@@ -54,6 +60,18 @@ class Site:
     index: int | None = None
     to_canonical: Callable[[torch.Tensor], torch.Tensor] | None = None
     from_canonical: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+class Hook(NamedTuple):
+    """One hook point, declared once: what techniques see (`spec`) and where it lives (`site`)."""
+
+    spec: HookSpec
+    site: "Site"
+
+
+def hook(name: str, role: str, axes: tuple[str, ...], layer: int | None, site: "Site") -> Hook:
+    """A `Hook` from the `HookSpec` fields and its `Site`: one line per hook point in `hooks()`."""
+    return Hook(HookSpec(name, role, axes, layer=layer), site)
 
 
 @dataclass
@@ -76,7 +94,7 @@ class TrainReport:
 
 class Adapter(abc.ABC):
     """Base class. Subclasses set `family`, `capabilities`, `default_config`, and implement
-    `build_model`, `forward`, `hook_points` and `sites`."""
+    `build_model`, `forward` and `hooks` (with `decode` for the `readout` capability)."""
 
     family: ClassVar[str]
     capabilities: ClassVar[frozenset[str]] = frozenset()
@@ -110,6 +128,15 @@ class Adapter(abc.ABC):
     # Model-config overrides per task, applied by `for_task` (part of the organism's identity).
     task_model_config: ClassVar[dict[str, dict[str, Any]]] = {}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = set(cls.capabilities) - set(CAPABILITIES)
+        if unknown:
+            raise TypeError(f"{cls.__name__} declares unknown capabilities {sorted(unknown)}; "
+                            f"known: {sorted(CAPABILITIES)}")
+        if "readout" in cls.capabilities and cls.decode is Adapter.decode:
+            raise TypeError(f"{cls.__name__} declares 'readout' but does not implement decode()")
+
     def __init__(self, model: nn.Module, config: dict[str, Any]):
         self.model = model
         self.config = dict(config)
@@ -140,12 +167,25 @@ class Adapter(abc.ABC):
         """The wrapped model's own forward: (batch, pos) long -> logits (batch, pos, vocab)."""
 
     @abc.abstractmethod
-    def hook_points(self) -> list[HookSpec]:
-        """Every hook point, in depth order."""
+    def hooks(self) -> list[Hook]:
+        """Every hook point with its site, in depth order (one `hook(...)` line each)."""
 
-    @abc.abstractmethod
+    def hook_points(self) -> list[HookSpec]:
+        """Every hook point's spec, in depth order."""
+        return [h.spec for h in self.hooks()]
+
     def sites(self) -> dict[str, Site]:
         """name -> Site for every hook point."""
+        return {h.spec.name: h.site for h in self.hooks()}
+
+    def check_capabilities(self, specs: Iterable[HookSpec]) -> None:
+        """Raise if a declared capability's role is missing, or an exposed one undeclared."""
+        roles = {s.role for s in specs}
+        for capability, role in CAPABILITY_ROLES.items():
+            if (capability in self.capabilities) != (role in roles):
+                have = "declares" if capability in self.capabilities else "does not declare"
+                raise TypeError(f"{type(self).__name__} {have} capability {capability!r} but "
+                                f"{'has no' if role not in roles else 'has'} hook point of role {role!r}")
 
     def answer_position(self, seq_len: int) -> int:
         """The activation position at which the answer is computed, for inputs of length seq_len.
@@ -164,7 +204,9 @@ class Adapter(abc.ABC):
     @property
     def specs(self) -> dict[str, HookSpec]:
         if self._specs is None:
-            self._specs = {s.name: s for s in self.hook_points()}
+            specs = self.hook_points()
+            self.check_capabilities(specs)
+            self._specs = {s.name: s for s in specs}
         return self._specs
 
     def names(self, names_or_roles: Iterable[str] | str | None) -> list[str]:
@@ -185,8 +227,12 @@ class Adapter(abc.ABC):
         """Forward with activations cached (after any intervention) and interventions applied.
 
         `cache` takes hook names and/or roles. With no cache and no interventions this is
-        exactly `forward(tokens)`. Gradients flow only when `grad=True`.
+        exactly `forward(tokens)`. Gradients flow only when `grad=True` (adapters with the
+        `gradients` capability). A cached `StateHookPoint` whose scan reran after an edit
+        holds the states the scan actually used.
         """
+        if grad and "gradients" not in self.capabilities:
+            raise ValueError(f"{self.family} has no gradients (it lacks the 'gradients' capability)")
         cache_names = set(self.names(cache))
         interventions = dict(interventions or {})
         missing = set(interventions) - set(self.specs)
@@ -202,9 +248,16 @@ class Adapter(abc.ABC):
                                             grad))
             with torch.set_grad_enabled(grad):
                 logits = self.forward(tokens)
+            for name in cache_names & set(store):
+                module = sites[name].module
+                if isinstance(module, StateHookPoint) and module.used is not None:
+                    store[name] = module.used if grad else module.used.detach()
         finally:
             for h in handles:
                 h.remove()
+            for name in cache_names | set(interventions):
+                if isinstance(sites[name].module, StateHookPoint):
+                    sites[name].module.used = None
         return RunOutput(logits=logits, cache={n: store[n] for n in self.names(cache) if n in store})
 
     @staticmethod

@@ -164,3 +164,15 @@ class HookPoint(torch.nn.Identity):
         """Whether a hook is attached now: code that must do extra work to expose a value
         (a per-head split of a fused projection) does it only then."""
         return bool(self._forward_hooks or self._forward_pre_hooks)
+
+
+class StateHookPoint(HookPoint):
+    """A HookPoint for per-step recurrent states that a scan reruns after an edit.
+
+    The scan passes its clean states through this point; when an intervention edits some
+    steps, the recurrence runs on from the edited states, so the states it actually used
+    differ from the returned value after the edited step. The scan records those in `used`,
+    and `Adapter.run` caches them in place of the intervention's output (then clears `used`).
+    """
+
+    used: "torch.Tensor | None" = None

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from archbench.adapter import Adapter, Site
-from archbench.hooks import HookPoint, HookSpec
+from archbench.adapter import Adapter, Site, hook
+from archbench.hooks import HookPoint
 from archbench.tasks.modadd import ModAdd
 from archbench.tasks.recall import Recall
 from archbench.techniques.ablation import Ablation, kept_counts, random_subsets
@@ -67,16 +67,11 @@ class Planted(Adapter):
     def forward(self, tokens):
         return self.model(tokens)
 
-    def hook_points(self):
-        n = self.config["n"]
-        return [HookSpec("embed", "embed", D, 0),
-                *[HookSpec(f"blocks.{i}.mlp.out", "mlp", D, i) for i in range(n)],
-                HookSpec("stream", "stream", D, n)]
-
-    def sites(self):
-        m = self.model
-        return {"embed": Site(m.embed), "stream": Site(m.stream),
-                **{f"blocks.{i}.mlp.out": Site(h) for i, h in enumerate(m.comps)}}
+    def hooks(self):
+        m, n = self.model, self.config["n"]
+        return [hook("embed", "embed", D, 0, Site(m.embed)),
+                *[hook(f"blocks.{i}.mlp.out", "mlp", D, i, Site(h)) for i, h in enumerate(m.comps)],
+                hook("stream", "stream", D, n, Site(m.stream))]
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +172,8 @@ class PlantedRecall(Adapter):
     def forward(self, tokens):
         return self.model(tokens)
 
-    def hook_points(self):
-        return [HookSpec("embed", "embed", D, 0)]
-
-    def sites(self):
-        return {"embed": Site(self.model.embed)}
+    def hooks(self):
+        return [hook("embed", "embed", D, 0, Site(self.model.embed))]
 
 
 class NoGradPlantedRecall(PlantedRecall):

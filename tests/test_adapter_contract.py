@@ -10,6 +10,7 @@ patching end to end, and a short `fit` reports sane numbers.
 import pytest
 import torch
 
+from archbench import adapter as adapter_module
 from archbench import registry, zoo
 from archbench.tasks.modadd import ModAdd
 from archbench.techniques.patching import Patching
@@ -67,3 +68,57 @@ def test_plant_caches_an_untrained_organism_with_its_recorded_accuracy():
     meta = zoo.plant("transformer", "modadd", 0, accuracy=0.5)
     assert zoo.cached_meta("transformer", registry.task("modadd"), 0)["accuracy"] == 0.5
     assert meta["steps"] == 0
+
+
+def test_hook_points_and_sites_come_from_one_declaration(adapter):
+    hooks = adapter.hooks()
+    assert [h.spec for h in hooks] == adapter.hook_points()
+    assert list(adapter.sites()) == [h.spec.name for h in hooks]
+    assert len(set(adapter.sites())) == len(hooks)  # every name declared once
+
+
+def test_declared_capabilities_match_the_exposed_roles(adapter):
+    roles = {s.role for s in adapter.hook_points()}
+    for capability, role in adapter_module.CAPABILITY_ROLES.items():
+        assert (capability in adapter.capabilities) == (role in roles), (adapter.family, capability)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(6, 4)
+        self.head = torch.nn.Linear(4, 6)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens))
+
+
+def _tiny_adapter(capabilities, decode=False):
+    body = {"family": "tiny", "capabilities": frozenset(capabilities),
+            "build_model": classmethod(lambda cls, config: _Tiny()),
+            "forward": lambda self, tokens: self.model(tokens),
+            "hooks": lambda self: [adapter_module.hook("embed", "embed", ("batch", "pos", "d"), 0,
+                                                       adapter_module.Site(self.model.embed))]}
+    if decode:
+        body["decode"] = lambda self, stream: self.model.head(stream)
+    return type("Tiny", (adapter_module.Adapter,), body)
+
+
+def test_unknown_capability_or_readout_without_decode_fails_when_the_class_is_defined():
+    with pytest.raises(TypeError, match="unknown capabilities"):
+        _tiny_adapter({"gradient"})
+    with pytest.raises(TypeError, match="decode"):
+        _tiny_adapter({"readout"})
+    assert _tiny_adapter({"readout"}, decode=True).capabilities == {"readout"}
+
+
+def test_a_capability_without_its_hook_role_fails_when_hook_points_are_listed():
+    claims_state = _tiny_adapter({"recurrent_state"}).build(6, 3, 0)
+    with pytest.raises(TypeError, match="recurrent_state.*'state'"):
+        claims_state.run(torch.zeros(1, 3, dtype=torch.long), cache="embed")
+
+
+def test_grad_is_refused_without_the_gradients_capability():
+    plain = _tiny_adapter(set()).build(6, 3, 0)
+    with pytest.raises(ValueError, match="no gradients"):
+        plain.run(torch.zeros(1, 3, dtype=torch.long), grad=True)

@@ -170,7 +170,7 @@ def test_zero_state_at_t_forgets_the_past(mamba, tokens):
 def test_hooks_removed_and_default_path_restored(mamba, tokens):
     mamba.run(tokens, cache="state", interventions={"blocks.1.ssm.state": Zero()})
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in mamba.model.modules())
-    assert all(b.mixer.last_states is None for b in mamba.model.backbone.layers)
+    assert all(b.mixer.hook_state.used is None for b in mamba.model.backbone.layers)
 
 
 def test_loads_local_huggingface_checkpoint(mamba, tokens, tmp_path):

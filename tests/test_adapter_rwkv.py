@@ -113,7 +113,7 @@ def test_patching_state_at_t_is_running_on_from_it(rwkv, tokens, t):
 def test_hooks_removed_and_default_path_restored(rwkv, tokens):
     rwkv.run(tokens, cache="state", interventions={"blocks.1.wkv.state": Zero()})
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in rwkv.model.modules())
-    assert all(b.attention.last_states is None for b in rwkv.model.rwkv.blocks)
+    assert all(b.attention.hook_state.used is None for b in rwkv.model.rwkv.blocks)
 
 
 def test_loads_local_huggingface_checkpoint(rwkv, tokens, tmp_path):

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from archbench.adapter import Adapter, Site
-from archbench.hooks import HookPoint, HookSpec
+from archbench.adapter import Adapter, Site, hook
+from archbench.hooks import HookPoint
 from archbench.tasks.facts import Facts
 from archbench.tasks.parity import Parity
 
@@ -102,13 +102,10 @@ class Bits(Adapter):
     def decode(self, stream):
         return self.model.decode(stream)
 
-    def hook_points(self):
-        return [HookSpec("embed", "embed", D, 0), HookSpec("blocks.0.out", "stream", D, 1),
-                HookSpec("blocks.1.out", "stream", D, 2)]
-
-    def sites(self):
+    def hooks(self):
         m = self.model
-        return {"embed": Site(m.hook_embed), "blocks.0.out": Site(m.hook_s0), "blocks.1.out": Site(m.hook_s1)}
+        return [hook("embed", "embed", D, 0, Site(m.hook_embed)), hook("blocks.0.out", "stream", D, 1, Site(m.hook_s0)),
+                hook("blocks.1.out", "stream", D, 2, Site(m.hook_s1))]
 
 
 @pytest.fixture(scope="module")
@@ -278,13 +275,10 @@ class Subjects(Adapter):
     def forward(self, tokens):
         return self.model(tokens)
 
-    def hook_points(self):
-        return [HookSpec("embed", "embed", D, 0), HookSpec("blocks.0.out", "stream", D, 1),
-                HookSpec("blocks.1.out", "stream", D, 2)]
-
-    def sites(self):
+    def hooks(self):
         m = self.model
-        return {"embed": Site(m.hook_embed), "blocks.0.out": Site(m.hook_s0), "blocks.1.out": Site(m.hook_s1)}
+        return [hook("embed", "embed", D, 0, Site(m.hook_embed)), hook("blocks.0.out", "stream", D, 1, Site(m.hook_s0)),
+                hook("blocks.1.out", "stream", D, 2, Site(m.hook_s1))]
 
 
 def test_patching_aligns_with_the_changed_name_token():

@@ -8,6 +8,7 @@ makes attention uniform, zeroed values make the attention output zero, ...).
 import pytest
 import torch
 
+from archbench.adapters.looped import LoopedAdapter
 from archbench.adapters.moe import MoEAdapter
 from archbench.adapters.transformer import TransformerAdapter
 from archbench.hooks import Patch, Zero
@@ -32,6 +33,18 @@ def test_tl_resid_post_is_the_same_tensor_as_resid_post(gpt, tokens):
     alone = gpt.run(tokens, cache="blocks.0.hook_resid_post").cache
     assert list(alone) == ["blocks.0.hook_resid_post"]  # keyed by the name asked for, nothing else
     assert torch.equal(alone["blocks.0.hook_resid_post"], out.cache["blocks.0.resid_post"])
+
+
+def test_looped_iterations_answer_to_the_unrolled_tl_block_names(tokens):
+    looped = LoopedAdapter.build(vocab_size=10, seq_len=6, seed=0, n_loops=3)
+    aliases = looped.aliases()
+    assert sorted(a.target for a in aliases.values()) == sorted(n for n, s in looped.specs.items()
+                                                                 if s.role != "logits")
+    out = looped.run(tokens, cache=["blocks.2.hook_resid_post", "loops.2.resid_post", "blocks.1.hook_mlp_out"])
+    assert torch.equal(out.cache["blocks.2.hook_resid_post"], out.cache["loops.2.resid_post"])
+    edited = looped.run(tokens, interventions={"blocks.0.hook_attn_out": Zero()}).logits
+    assert torch.equal(edited, looped.run(tokens, interventions={"loops.0.attn.out": Zero()}).logits)
+    assert "blocks.4.hook_resid_post" in looped.run(tokens, loops=5, cache="blocks.4.hook_resid_post").cache
 
 
 def test_tl_axis_orders(gpt, tokens):

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from archbench.adapter import Adapter, Site
-from archbench.hooks import HookPoint, HookSpec
+from archbench.adapter import Adapter, Site, hook
+from archbench.hooks import HookPoint
 from archbench.tasks.parity import Parity
 
 torch.set_num_threads(1)
@@ -79,13 +79,10 @@ class Planted(Adapter):
     def forward(self, tokens):
         return self.model(tokens)
 
-    def hook_points(self):
-        return [HookSpec("embed", "embed", D, 0), HookSpec("mid", "stream", D, 1),
-                HookSpec("deep", "stream", D, 2)]
-
-    def sites(self):
+    def hooks(self):
         m = self.model
-        return {"embed": Site(m.embed), "mid": Site(m.mid), "deep": Site(m.deep)}
+        return [hook("embed", "embed", D, 0, Site(m.embed)), hook("mid", "stream", D, 1, Site(m.mid)),
+                hook("deep", "stream", D, 2, Site(m.deep))]
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +152,9 @@ def test_probe_is_not_applicable_without_a_representation_site(task):
     class DeepOnly(Planted):
         family = "deep-only"
 
-        def hook_points(self):
-            return [HookSpec("embed", "embed", D, 0), HookSpec("deep", "stream", D, 2)]
-
-        def sites(self):
-            return {"embed": Site(self.model.embed), "deep": Site(self.model.deep)}
+        def hooks(self):
+            return [hook("embed", "embed", D, 0, Site(self.model.embed)),
+                    hook("deep", "stream", D, 2, Site(self.model.deep))]
 
     r = Probe(**FAST)(DeepOnly.for_task(task, 0), task, 0)
     assert not r.applicable and "readout" in r.reason

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from archbench.adapter import Adapter, Site
-from archbench.hooks import HookPoint, HookSpec
+from archbench.adapter import Adapter, Site, hook
+from archbench.hooks import HookPoint
 from archbench.tasks.count import Count
 from archbench.tasks.modadd import ModAdd
 
@@ -87,16 +87,11 @@ class Chain(Adapter):
     def decode(self, stream):
         return self.model.decode(stream)
 
-    def hook_points(self):
-        return [HookSpec("embed", "embed", D, 0), HookSpec("blocks.0.attn.out", "mixer", D, 0),
-                HookSpec("blocks.0.mlp.out", "mlp", D, 0), HookSpec("blocks.0.resid_post", "stream", D, 1),
-                HookSpec("blocks.1.mlp.out", "mlp", D, 1), HookSpec("blocks.1.resid_post", "stream", D, 2)]
-
-    def sites(self):
+    def hooks(self):
         m = self.model
-        return {"embed": Site(m.embed), "blocks.0.attn.out": Site(m.attn), "blocks.0.mlp.out": Site(m.mlp0),
-                "blocks.0.resid_post": Site(m.res0), "blocks.1.mlp.out": Site(m.mlp1),
-                "blocks.1.resid_post": Site(m.res1)}
+        return [hook("embed", "embed", D, 0, Site(m.embed)), hook("blocks.0.attn.out", "mixer", D, 0, Site(m.attn)),
+                hook("blocks.0.mlp.out", "mlp", D, 0, Site(m.mlp0)), hook("blocks.0.resid_post", "stream", D, 1, Site(m.res0)),
+                hook("blocks.1.mlp.out", "mlp", D, 1, Site(m.mlp1)), hook("blocks.1.resid_post", "stream", D, 2, Site(m.res1))]
 
 
 class NoReadoutChain(Chain):
@@ -130,11 +125,8 @@ class LinearCount(Adapter):
     def forward(self, tokens):
         return self.model(tokens)
 
-    def hook_points(self):
-        return [HookSpec("embed", "embed", D, 0)]
-
-    def sites(self):
-        return {"embed": Site(self.model.embed)}
+    def hooks(self):
+        return [hook("embed", "embed", D, 0, Site(self.model.embed))]
 
 
 class NoGradLinearCount(LinearCount):

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from archbench.adapter import Adapter, Site
-from archbench.hooks import HookPoint, HookSpec
+from archbench.adapter import Adapter, Site, hook
+from archbench.hooks import HookPoint
 from archbench.tasks.modadd import ModAdd
 
 torch.set_num_threads(1)
@@ -75,14 +75,10 @@ class HandBuilt(Adapter):
     def forward(self, tokens):
         return self.model(tokens)
 
-    def hook_points(self):
-        return [HookSpec("embed", "embed", D, layer=0), HookSpec("blocks.0.out", "stream", D, layer=1),
-                HookSpec("blocks.1.out", "stream", D, layer=2)]
-
-    def sites(self):
+    def hooks(self):
         m = self.model
-        return {"embed": Site(m.hook_embed), "blocks.0.out": Site(m.hook_s0),
-                "blocks.1.out": Site(m.hook_s1)}
+        return [hook("embed", "embed", D, 0, Site(m.hook_embed)), hook("blocks.0.out", "stream", D, 1, Site(m.hook_s0)),
+                hook("blocks.1.out", "stream", D, 2, Site(m.hook_s1))]
 
 
 class HalfNullModAdd(ModAdd):
