@@ -19,7 +19,11 @@ last position (where the relation is read out). The counterfactual source is the
 context with another subject of the same relation and another object, of the same token
 length where one exists (so only subject positions change); otherwise the padding shifts.
 
-Measured with SmolLM2-135M-Instruct (archbench.smollm2): MEASURED_FACTS.
+Measured with SmolLM2-135M-Instruct (archbench.smollm2): 121 of 140 facts have a
+single-token object (3 contexts each, 14 tokens). On 200 test examples: accuracy (argmax over
+the objects) 0.68, full-vocabulary argmax 0.455; the Eiffel Tower prompt gives " Paris".
+Right in all three contexts (full vocabulary): 7 facts, so `known_by` keeps 7 (5 capitals,
+2 languages), on which both accuracies are 1.0.
 """
 
 from __future__ import annotations

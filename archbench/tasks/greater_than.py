@@ -19,7 +19,11 @@ gives the faithful verdict: the predicted unit exceeds the threshold. The primar
 is `threshold`; the counterfactual source changes it (only the threshold token), so the
 expected answer is the next year after the source's threshold.
 
-Measured with SmolLM2-135M-Instruct (archbench.smollm2): MEASURED_GT.
+Measured with SmolLM2-135M-Instruct (archbench.smollm2), which splits years into digits
+(digits = 1): 30 of 30 nouns, 2100 prompts of 18 tokens. On 200 test examples: the argmax
+over the ten digits is accepted (above the threshold) on 0.995 (full-vocabulary argmax:
+0.995; chance 0.49) and is the next year on 0.775 (both argmaxes; chance 0.1);
+Hanna et al.'s probability difference (mass above minus at-or-below, over the digits) 0.885.
 """
 
 from __future__ import annotations

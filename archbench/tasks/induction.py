@@ -13,9 +13,9 @@ token's first occurrence (L - 2). Relevant positions: that occurrence, the token
 and the last position. The counterfactual source replaces the L-th word by another word
 not in the sequence, so the expected answer is that word.
 
-Measured with SmolLM2-135M-Instruct (archbench.smollm2), default config: MEASURED_WORDS
+Measured with SmolLM2-135M-Instruct (archbench.smollm2), default config: all 253 distinct
 words are single tokens. On 200 test examples: accuracy (argmax over the words)
-MEASURED_ANSWER, full-vocabulary argmax MEASURED_FULL.
+0.95, full-vocabulary argmax 0.95.
 """
 
 from __future__ import annotations

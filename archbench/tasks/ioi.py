@@ -17,9 +17,9 @@ Primary variable `output_token`. Relevant positions: both names and the repeated
 so the expected answer is the new name.
 
 Measured with SmolLM2-135M-Instruct (archbench.smollm2), default config: 132 of 156 names,
-19 of 20 places, 20 of 20 objects are single tokens; length group 15 holds 7 templates.
-On 200 test examples: accuracy (argmax over the names) MEASURED_ANSWER, full-vocabulary
-argmax MEASURED_FULL; logit difference IO - S mean MEASURED_LD, positive on MEASURED_POS.
+19 of 20 places, 20 of 20 objects are single tokens; length group 15 keeps 6 of its 7 templates.
+On 200 test examples: accuracy (argmax over the names) 0.975, full-vocabulary
+argmax 0.865; logit difference IO - S mean 5.07, positive on 97.5% of prompts.
 """
 
 from __future__ import annotations
