@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Bumped whenever the meaning of any score changes (chance correction, scored sites, the
 # verdict's interval). It is part of every cell's key, and `archbench report` refuses to put
@@ -59,6 +62,17 @@ class Technique(abc.ABC):
     # chance-corrected (a capability present at init, a floor of the estimator); the report
     # prints it beside every control mean above `report_tables.HIGH_CONTROL`.
     control_floor: ClassVar[str] = ""
+    # What the report draws by depth: the `details` key that holds this technique's per-site
+    # value (rows with a `layer`; rows marked `trivial` or `scored=False` are left out).
+    # None: no depth figure.
+    depth_value: ClassVar[str | None] = None
+
+    @classmethod
+    def report_tables(cls, cells: pd.DataFrame, reference: str) -> list:
+        """The report's tables that only this technique's cells can give (`report_tables.Table`
+        each), placed after the behaviour table; `cells` holds every cell of the store.
+        None by default."""
+        return []
 
     def __init__(self, **config: Any):
         self.config = {**self.default_config, **config}

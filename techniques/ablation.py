@@ -122,6 +122,7 @@ class Ablation(Technique):
     # max_points: kept counts on the curve at most
     default_config = {"n_train": 256, "n_test": 512, "max_rows": 8192, "random_subsets": 16,
                       "max_points": 16}
+    depth_value = "mean_effect"  # accuracy drop when the component alone is mean-ablated
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:

@@ -42,6 +42,8 @@ architectures (`cka_from_packed`) without rerunning a model; `metrics["cka_biase
 ordinary CKA with Y at that site. `cka_matrix(adapters, task, seed)` returns a long-form
 DataFrame of ordinary (`cka`) and debiased (`cka_debiased`) CKA between every pair of sites
 of every pair of adapters (and the ground truth, arch "task"), on the same examples.
+The report's architecture-similarity table (`CKA.report_tables`) is built in
+`techniques/cka_similarity.py`.
 """
 
 from __future__ import annotations
@@ -160,6 +162,15 @@ class CKA(Technique):
     # (about n_gram^2 / 2 numbers) for the report's architecture x architecture table;
     # n_select: train examples on which the scored site is chosen
     default_config = {"n_test": 512, "n_gram": 64, "n_select": 512}
+    depth_value = "cka"
+
+    @classmethod
+    def report_tables(cls, cells: pd.DataFrame, reference: str) -> list:
+        """The architecture-similarity table (`techniques/cka_similarity.py`)."""
+        from archbench.techniques.cka_similarity import similarity
+
+        table = similarity(cells, reference)
+        return [] if table is None else [table]
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:

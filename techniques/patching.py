@@ -69,6 +69,7 @@ class Patching(Technique):
     version = 2  # aligned positions, embedding-equivalent cells trivial, answer tokens, chance-corrected
     roles = frozenset({"stream", "state"})
     default_config = {"n_pairs": 256, "max_rows": 1024, "min_gain": 0.05}
+    depth_value = "normalised"
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:
