@@ -4,10 +4,11 @@
   [0, 1.2]; grey where a cell has no rho), text = verdict glyph and rho.
 - `depth_profile`: one figure per technique that names its per-site value
   (`Technique.depth_value`, a key of its `details` rows) for rows that carry a depth (`layer`,
-  the HookSpec's block index: 0 = input representation, i = after block i); one panel per task, one line per architecture: trained organisms solid, random-init
-  controls dotted, each the mean over seeds of the best site at that depth, with a band for
-  its 95% t-interval over seeds (the seed is the unit of replication, as in the verdict; no
-  band from one seed). The reference architecture comes first, in the legend and in the
+  the HookSpec's block index: 0 = input representation, i = after block i); one panel per
+  task, one line per architecture: trained organisms solid, random-init controls dotted,
+  each the mean over seeds of the best site at that depth, with a band for its 95%
+  t-interval over seeds (the seed is the unit of replication, as in the verdict; no band
+  from one seed). The reference architecture comes first, in the legend and in the
   drawing, with a thicker line. Rows a technique marks unscored (`trivial`, `scored=False`)
   are left out, as in its score. Techniques with no per-depth value (`depth_value` None:
   attribution, sae) and techniques this installation does not have get no figure.
