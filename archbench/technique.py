@@ -4,7 +4,8 @@ A technique asks for roles (e.g. `stream`) and capabilities (e.g. `gradients`), 
 adapter (a trained organism or its random-init control) and a task, and returns a `Result`:
 one primary `score` in [0, 1] (higher = the known mechanism was recovered better),
 `per_example` values whose mean is the score before clipping (the verdict bootstraps over
-them), secondary metrics, per-site details, or `applicable=False` with a reason.
+them), secondary metrics, per-site details, or `applicable=False` with a reason. The helpers
+techniques share to compute a score are in `archbench/technique_helpers.py`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
+
+# the helpers this module used to define, for plugins that import them from here
+from archbench.technique_helpers import (answer_prediction, chance_corrected, majority_rate,  # noqa: F401
+                                         representation_sites)
 
 if TYPE_CHECKING:
     import pandas as pd
+
+__all__ = ["SCORING_VERSION", "Result", "Technique", "answer_prediction", "chance_corrected", "majority_rate",
+           "representation_sites"]
 
 # Bumped whenever the meaning of any score changes (chance correction, scored sites, the
 # verdict's interval). It is part of every cell's key, and `archbench report` refuses to put
@@ -100,34 +107,3 @@ class Technique(abc.ABC):
     def run(self, adapter, task, seed: int) -> Result:
         """Score the technique on one adapter and task with data drawn from `seed`."""
 
-
-def chance_corrected(values, chance: float) -> np.ndarray:
-    """(x - chance) / (1 - chance): 0 at chance, 1 at perfect, negative below chance."""
-    return (np.asarray(values, dtype=float) - chance) / max(1.0 - chance, 1e-9)
-
-
-def answer_prediction(logits: torch.Tensor, task) -> torch.Tensor:
-    """The task's answer token with the highest logit: (n, V) -> (n,) token ids.
-
-    Behavioural scores decide among `task.answer_tokens()` only, so a decoder that puts
-    mass on tokens the task never answers with is not penalised for the vocabulary's size.
-    """
-    answers = task.answer_tokens().to(logits.device)  # (C,)
-    return answers[logits[:, answers].argmax(-1)]  # (n,)
-
-
-def majority_rate(answer: torch.Tensor) -> float:
-    """The chance level of a cell's answers: the share of its most frequent answer."""
-    return float(torch.unique(answer, return_counts=True)[1].max()) / max(len(answer), 1)
-
-
-def representation_sites(adapter, names: list[str]) -> list[str]:
-    """The sites a representation score may use: no raw embedding, no readout input.
-
-    The input embedding holds the input tokens, and the deepest `stream` site feeds the
-    readout directly, where any model that solves the task holds the answer; scoring either
-    would credit a probe for reading the input or the output instead of the mechanism.
-    """
-    streams = [n for n in names if adapter.specs[n].role == "stream"]
-    deepest = max(streams, key=lambda n: adapter.specs[n].layer or 0) if streams else None
-    return [n for n in names if adapter.specs[n].role != "embed" and n != deepest]

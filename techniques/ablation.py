@@ -66,7 +66,8 @@ import math
 import numpy as np
 import torch
 
-from archbench.technique import Result, Technique, answer_prediction
+from archbench.technique import Result, Technique
+from archbench.technique_helpers import answer_prediction
 
 COMPONENT_ROLES = ("mixer", "mlp")
 DENOMINATOR_FLOOR = 0.05
