@@ -1,6 +1,6 @@
 """The Ray executor: every organism-training call and every cell runs as one Ray task.
 
-Same interface as `runner.LocalExecutor`: `capacity` (tasks to keep in flight),
+Same interface (`archbench.executors.Executor`) as `local_executor.LocalExecutor`: `capacity` (tasks to keep in flight),
 `submit(tag, fn, args)` starts `fn(*args)` as a Ray task, `next_done(timeout)` returns the
 next finished (tag, result) to the driver, `cancel()` stops what is in flight. The driver
 keeps the queue (longest job first, cells behind their organism) and alone writes the
@@ -42,6 +42,7 @@ import socket
 from typing import Any, Callable
 
 from archbench import zoo
+from archbench.executors import map_calls
 
 INSTALL_HINT = 'the ray executor needs Ray: pip install "archbench[ray]"'
 CONNECT_TIMEOUT_S = 10.0
@@ -90,9 +91,9 @@ def _call(fn: Callable, args: tuple, threads: int) -> Any:
     if _worker_threads != threads:
         import torch
 
-        from archbench import runner
+        from archbench.jobs import init_worker
 
-        runner._init_worker()  # what the local pool's workers do: one torch (and BLAS) thread
+        init_worker()  # what the local pool's workers do: one torch (and BLAS) thread
         torch.set_num_threads(threads)
         _worker_threads = threads
     return fn(*args)
@@ -191,7 +192,5 @@ class RayExecutor:
         self._in_flight.clear()
 
     def map(self, fn: Callable, calls: list[tuple], on_done: Callable[[tuple, Any], None]) -> None:
-        from archbench.runner import map_calls
-
         if calls:
             map_calls(self, fn, calls, on_done)

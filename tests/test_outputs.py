@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from archbench import cli, registry, report, results_dir, runner, store, zoo
+from archbench import cli, jobs, registry, report, results_dir, runner, store, zoo
 from archbench.cli import main
 from archbench.store import RunSpec, Store
 from archbench.technique import SCORING_VERSION, Result, Technique
@@ -347,7 +347,7 @@ class InterruptedAtFirstCell:
 
     def next_done(self, timeout=None):
         tag, (fn, args) = self.running.popitem()
-        if fn is not runner.train_organism:
+        if fn is not jobs.train_organism:
             raise KeyboardInterrupt
         meta = zoo.plant(*args[:3])
         return tag, {"ok": True, "meta": meta, "gate": None, "wall_s": 1.0}
