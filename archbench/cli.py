@@ -357,7 +357,7 @@ def cmd_cite(args) -> int:
     if args.results is None:
         print(cite.render(registry.names("techniques"), registry.names("adapters")), end="")
         return 0
-    techniques, adapters = cite.used_names(_results_dir(args.results, must_exist=True))
+    techniques, adapters = cite.used_names(_results_dir(args.results, must_exist=True, published=True))
     print(cite.render(techniques, adapters), end="")
     return 0
 
