@@ -283,6 +283,18 @@ def test_the_default_results_directory_is_not_the_published_one(fakes, tmp_path,
     assert "archbench-results/" in gitignore
 
 
+def test_load_results_defaults_to_the_directory_a_run_writes(fakes, tmp_path, monkeypatch):
+    import archbench
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="archbench-results"):
+        archbench.load_results()
+    assert main(["run", "--matrix", "--arch", "transformer", "--technique", "constant", "--task", "modadd",
+                 "--seeds", "1", "--workers", "1", "--no-progress"]) == 0  # no --results: the default
+    assert len(archbench.load_results()) == len(store.load_results()) == 2
+    assert (archbench.load_results().technique == "constant").all()
+
+
 def _published(tmp_path) -> Path:
     """A directory holding only archbench.db.gz, as the committed results/ does."""
     r = tmp_path / "published"
