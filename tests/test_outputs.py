@@ -12,6 +12,7 @@ import errno
 import gzip
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -70,6 +71,25 @@ def test_a_run_killed_before_its_report_gets_the_report_on_rerun(fakes, tmp_path
     assert "4 cells: 4 already done" in capsys.readouterr().out
     board = (r / "LEADERBOARD.md").read_text()
     assert "constant2" in board and "constant2" in (r / "cells.csv").read_text()
+
+
+def test_a_writer_killed_between_write_and_rename_leaves_no_temp_file_after_the_next_run(fakes, tmp_path):
+    r = tmp_path / "r"
+    assert main(run_args(r)) == 0
+    # a process SIGKILLed after writing its temporary file, before renaming it into place
+    killed = ("import os, signal, sys\n"
+              "from archbench import results_dir\n"
+              "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "results_dir.write_atomic(sys.argv[1], b'half a report')\n")
+    for name in ("LEADERBOARD.md", "figures/transfer_matrix.png"):
+        proc = subprocess.run([sys.executable, "-c", killed, str(r / name)])
+        assert proc.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in r.rglob("*.tmp"))
+    assert len(left) == 2 and all(n.startswith((".LEADERBOARD.md.", ".transfer_matrix.png.")) for n in left)
+    assert results_dir.stale_temps(r) == sorted(r.rglob("*.tmp"))
+    assert main(run_args(r)) == 0
+    assert not list(r.rglob("*.tmp"))  # the next run removed them
+    assert "half a report" not in (r / "LEADERBOARD.md").read_text()
 
 
 def test_a_truncated_or_missing_report_file_is_rewritten(fakes, tmp_path, capsys):
