@@ -8,8 +8,9 @@ Adapters expose one hook interface (`archbench.adapter`), tasks have known mecha
 from archbench.version import __version__
 
 
-def load_results(results_dir="results"):
-    """The cells of a results directory as a pandas DataFrame."""
+def load_results(results_dir=None):
+    """The cells of a results directory as a pandas DataFrame; by default `./archbench-results`,
+    where a run writes (`load_results("results")` reads the published leaderboard)."""
     from archbench.store import load_results as _load
 
     return _load(results_dir)

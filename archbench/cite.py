@@ -115,9 +115,10 @@ def render(techniques=None, adapters=None) -> str:
 
 
 def used_names(results_dir) -> tuple[list[str], list[str]]:
-    """(techniques, adapters) that appear in a results directory's cells."""
-    from archbench.store import Store
+    """(techniques, adapters) that appear in a results directory's cells (`archbench.db`, or
+    the published `archbench.db.gz` read through a temporary copy, as the report reads it)."""
+    from archbench.store import reading
 
-    with Store(results_dir) as store:
+    with reading(results_dir) as store:
         rows = store.db.execute("SELECT DISTINCT technique, arch FROM cells").fetchall()
     return sorted({t for t, _ in rows}), sorted({a for _, a in rows})

@@ -357,7 +357,7 @@ def cmd_cite(args) -> int:
     if args.results is None:
         print(cite.render(registry.names("techniques"), registry.names("adapters")), end="")
         return 0
-    techniques, adapters = cite.used_names(_results_dir(args.results, must_exist=True))
+    techniques, adapters = cite.used_names(_results_dir(args.results, must_exist=True, published=True))
     print(cite.render(techniques, adapters), end="")
     return 0
 
@@ -368,7 +368,9 @@ _ZOO_BUILD_ONLY = {"--seeds": "seeds", "--workers": "workers", "--no-retrain": "
 def cmd_zoo(args) -> int:
     if args.action == "ls":
         return cmd_zoo_ls(args)
-    from archbench import runner, zoo
+    from archbench import zoo
+    from archbench.jobs import train_organism
+    from archbench.local_executor import LocalExecutor
 
     archs, tasks = _matrix_archs(args.arch), _names("tasks", args.task)
     gate = zoo.DEFAULT_GATE if args.gate is None else args.gate
@@ -388,7 +390,7 @@ def cmd_zoo(args) -> int:
             failed.append(call)
             print(f"{'/'.join(map(str, call[:3]))}: error {out['error'].strip().splitlines()[-1]}", file=sys.stderr)
 
-    runner.LocalExecutor(args.workers or 1).map(runner.train_organism, calls, done)
+    LocalExecutor(args.workers or 1).map(train_organism, calls, done)
     return 1 if failed else 0
 
 

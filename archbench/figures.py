@@ -2,15 +2,16 @@
 
 - `transfer_heatmap`: technique x architecture; colour = transfer ratio rho (clipped to
   [0, 1.2]; grey where a cell has no rho), text = verdict glyph and rho.
-- `depth_profile`: one figure per technique whose `details` rows carry a depth (`layer`,
-  the HookSpec's block index: 0 = input representation, i = after block i) and a per-site
-  value; one panel per task, one line per architecture: trained organisms solid, random-init
-  controls dotted, each the mean over seeds of the best site at that depth, with a band for
-  its 95% t-interval over seeds (the seed is the unit of replication, as in the verdict; no
-  band from one seed). The reference architecture comes first, in the legend and in the
+- `depth_profile`: one figure per technique that names its per-site value
+  (`Technique.depth_value`, a key of its `details` rows) for rows that carry a depth (`layer`,
+  the HookSpec's block index: 0 = input representation, i = after block i); one panel per
+  task, one line per architecture: trained organisms solid, random-init controls dotted,
+  each the mean over seeds of the best site at that depth, with a band for its 95%
+  t-interval over seeds (the seed is the unit of replication, as in the verdict; no band
+  from one seed). The reference architecture comes first, in the legend and in the
   drawing, with a thicker line. Rows a technique marks unscored (`trivial`, `scored=False`)
-  are left out, as in its score. Techniques with no per-depth value (attribution, sae) get
-  no figure.
+  are left out, as in its score. Techniques with no per-depth value (`depth_value` None:
+  attribution, sae) and techniques this installation does not have get no figure.
 
 Figures only read the store's DataFrames. `render` returns file name -> bytes in each
 requested format (PNG for the page, SVG and PDF for papers), so the report can write them to
@@ -29,14 +30,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from archbench import verdict
-from archbench.report_tables import arch_order
+from archbench.report_tables import arch_order, technique_class
 
-# The per-site value a technique's `details` rows hold, first match wins: probe "normalised"
-# (accuracy over the majority baseline), patching "iia" (per site and position), steering
-# "success" (per site and scale), logit/tuned lens "accuracy", cka "cka", ablation
-# "mean_effect" (accuracy drop when the component is mean-ablated). A new technique that
-# stores one of these keys with a `layer` gets a depth figure with no change here.
-DEPTH_VALUES = ("selectivity", "normalised", "iia", "success", "accuracy", "cka", "mean_effect")
 RHO_MAX = 1.2
 FORMATS = ("png", "svg", "pdf")
 # metadata that would make two renderings of the same store differ (dates) or name the host
@@ -98,18 +93,30 @@ def _cmap():
     return colormaps["viridis"].with_extremes(bad="#d9d9d9")
 
 
+def depth_key(technique: str) -> str | None:
+    """The `details` key the technique draws by depth (`Technique.depth_value`), or None."""
+    cls = technique_class(technique)
+    return None if cls is None else cls.depth_value
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def depth_frame(cells: pd.DataFrame, technique: str,
                 confidence: float = verdict.Settings().confidence) -> pd.DataFrame | None:
     """(arch, task, control, layer, key, value, lo, hi, n_seeds): per depth, the mean over seeds
     of the best site at that depth, and its t-interval over seeds (NaN from one seed)."""
+    key = depth_key(technique)
+    if key is None:
+        return None
     ok = cells[(cells.technique == technique) & (cells.status == "ok")]
     rows = []
     for r in ok.itertuples():
         for d in r.details or []:
             if not isinstance(d, dict) or d.get("layer") is None or d.get("trivial") or d.get("scored") is False:
                 continue  # rows the technique itself leaves unscored (e.g. the readout's own input)
-            key = next((k for k in DEPTH_VALUES if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)), None)
-            if key is not None:
+            if _number(d.get(key)):
                 rows.append({"arch": r.arch, "task": r.task, "seed": r.seed, "control": bool(r.control),
                              "layer": int(d["layer"]), "value": float(d[key]), "key": key})
     if not rows:

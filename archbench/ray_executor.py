@@ -1,6 +1,6 @@
 """The Ray executor: every organism-training call and every cell runs as one Ray task.
 
-Same interface as `runner.LocalExecutor`: `capacity` (tasks to keep in flight),
+Same interface (`archbench.executors.Executor`) as `local_executor.LocalExecutor`: `capacity` (tasks to keep in flight),
 `submit(tag, fn, args)` starts `fn(*args)` as a Ray task, `next_done(timeout)` returns the
 next finished (tag, result) to the driver, `cancel()` stops what is in flight. The driver
 keeps the queue (longest job first, cells behind their organism) and alone writes the
@@ -20,8 +20,10 @@ the cell. Every node also needs archbench installed in the same environment as t
 Resources: a task asks for `num_cpus` (default 1) and `num_gpus` (default 0) and sets torch
 to as many threads as its CPUs (one by default: on a few cores, one thread per process is
 the fastest layout for tiny models). archbench's models run on CPU; `num_gpus` only reserves
-devices for plugins that use them. Ray retries a task whose worker died (its calls are
-idempotent: organisms are renamed into place atomically, cells are written by the driver).
+devices for plugins that use them. Ray retries a task whose worker died `max_retries` times
+(default 3; its calls are idempotent: organisms are renamed into place atomically, cells are
+written by the driver); after that the job comes back as an error row (`jobs.failed_result`:
+the next run retries it), never as a traceback or a hang, and every finished cell is kept.
 The driver keeps `capacity` tasks in flight (by default as many as the instance's CPUs hold
 tasks of `num_cpus`), so its priorities, not Ray's queue, decide what runs next.
 
@@ -42,7 +44,11 @@ import socket
 from typing import Any, Callable
 
 from archbench import zoo
+from archbench.executors import map_calls
+from archbench.jobs import failed_result
 
+# ray.exceptions raised for a task whose worker process, node or raylet died
+WORKER_LOST = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "OutOfMemoryError")
 INSTALL_HINT = 'the ray executor needs Ray: pip install "archbench[ray]"'
 CONNECT_TIMEOUT_S = 10.0
 
@@ -90,9 +96,9 @@ def _call(fn: Callable, args: tuple, threads: int) -> Any:
     if _worker_threads != threads:
         import torch
 
-        from archbench import runner
+        from archbench.jobs import init_worker
 
-        runner._init_worker()  # what the local pool's workers do: one torch (and BLAS) thread
+        init_worker()  # what the local pool's workers do: one torch (and BLAS) thread
         torch.set_num_threads(threads)
         _worker_threads = threads
     return fn(*args)
@@ -108,7 +114,7 @@ class RayExecutor:
     """
 
     def __init__(self, workers: int | None = None, address: str | None = None,
-                 num_cpus: float = 1, num_gpus: float = 0):
+                 num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 3):
         try:
             import ray
         except ImportError as exc:
@@ -121,8 +127,12 @@ class RayExecutor:
         if address or os.environ.get("RAY_ADDRESS"):
             probe(address or os.environ["RAY_ADDRESS"])
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.max_retries = max_retries  # Ray's retries of a task whose worker died
+        # what Ray raises for a task whose worker (or node) died rather than returned
+        self._worker_lost = tuple(getattr(ray.exceptions, name) for name in WORKER_LOST
+                                  if hasattr(ray.exceptions, name))
         self.started = False  # True if this executor started the Ray instance it uses
-        self._in_flight: dict[Any, Any] = {}  # ObjectRef -> tag
+        self._in_flight: dict[Any, tuple[Any, Callable]] = {}  # ObjectRef -> (tag, fn)
         self._tasks: dict[tuple[str, str], Any] = {}  # (function name, cache path) -> remote task
 
     @property
@@ -164,15 +174,19 @@ class RayExecutor:
         return max(1, slots)
 
     def submit(self, tag: Any, fn: Callable, args: tuple) -> None:
+        self._in_flight[self._start(fn, args)] = (tag, fn)
+
+    def _start(self, fn: Callable, args: tuple) -> Any:
+        """Start `fn(*args)` as a Ray task; its ObjectRef."""
         self._connect()
         cache = str(zoo.cache_root().expanduser().resolve())
         name = getattr(fn, "__name__", "archbench")
         task = self._tasks.get((name, cache))
         if task is None:
             task = self._tasks[(name, cache)] = self._ray.remote(_call).options(
-                num_cpus=self.num_cpus, num_gpus=self.num_gpus, name=name,
+                num_cpus=self.num_cpus, num_gpus=self.num_gpus, name=name, max_retries=self.max_retries,
                 runtime_env={"env_vars": {"ARCHBENCH_CACHE": cache}})
-        self._in_flight[task.remote(fn, args, max(1, int(self.num_cpus)))] = tag
+        return task.remote(fn, args, max(1, int(self.num_cpus)))
 
     def next_done(self, timeout: float | None = None) -> tuple[Any, Any] | None:
         """The next finished task as (tag, result); None if none finished within `timeout` s."""
@@ -181,8 +195,13 @@ class RayExecutor:
         ready, _ = self._ray.wait(list(self._in_flight), num_returns=1, timeout=timeout)
         if not ready:
             return None
-        tag = self._in_flight.pop(ready[0])
-        return tag, self._ray.get(ready[0])
+        tag, fn = self._in_flight.pop(ready[0])
+        try:
+            return tag, self._ray.get(ready[0])
+        except self._worker_lost as exc:
+            said = str(exc).strip().splitlines()
+            return tag, failed_result(fn, f"the Ray worker running {getattr(fn, '__name__', 'the job')} died "
+                                          f"({type(exc).__name__}: {said[0] if said else 'no message'})")
 
     def cancel(self) -> None:
         """After an error or Ctrl-C: stop what is in flight; the store keeps what finished."""
@@ -191,7 +210,5 @@ class RayExecutor:
         self._in_flight.clear()
 
     def map(self, fn: Callable, calls: list[tuple], on_done: Callable[[tuple, Any], None]) -> None:
-        from archbench.runner import map_calls
-
         if calls:
             map_calls(self, fn, calls, on_done)

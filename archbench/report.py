@@ -99,8 +99,7 @@ def intro(settings: verdict.Settings, cells: pd.DataFrame | None = None) -> list
 def build_tables(d: ReportData) -> list[Table]:
     s = d.settings
     out = [tables.transfer_matrix(d.summary, s), tables.behaviour(d.organisms, d.cells, s.reference)]
-    sim = tables.similarity(d.cells, s.reference)
-    out += [sim] if sim is not None else []
+    out += tables.technique_tables(d.cells, s.reference)
     high = tables.high_controls(d.verdicts, s)
     out += [high] if high is not None else []
     out += [tables.per_task(d.verdicts, d.cells, tech, s) for tech in sorted(d.cells.technique.unique())]
@@ -150,7 +149,7 @@ def cells_frame(cells: pd.DataFrame) -> pd.DataFrame:
     df = cells.copy()
     df["n_examples"] = df.per_example.map(lambda p: len(p) if isinstance(p, list) else 0)
     df["error"] = df.error.map(tables.last_line)
-    # scalar metrics only: list-valued ones (the cka cells' stored Grams) stay in the store
+    # scalar metrics only: list-valued ones (such as stored Gram matrices) stay in the store
     df["metrics"] = df.metrics.map(lambda m: json.dumps({k: v for k, v in m.items() if not isinstance(v, list)},
                                                         sort_keys=True, default=str) if m else "")
     return df[[c for c in CSV_COLUMNS if c in df]].sort_values(["technique", "arch", "task", "seed", "control"])

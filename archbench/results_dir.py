@@ -7,7 +7,9 @@ it, and one true sentence when it cannot be used.
   symlink) before anything is computed.
 - `write_atomic(path, data)` writes a temporary file in the same directory and renames it
   over `path` (`os.replace`), so a report file is either the old one or the new one, never
-  a truncated mix, whatever kills the process.
+  a truncated mix, whatever kills the process. A process killed between the write and the
+  rename (SIGKILL) leaves its temporary file behind: the next run removes every such
+  leftover when it takes the run lock (`remove_stale_temps`).
 - `run_lock(dir)` is an advisory lock (`filelock`) held by a run for its whole length: two
   runs on one directory would compute every cell twice.
 - `explain(exc, dir)` turns an OSError or SQLite error into one line that says what is
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -60,6 +63,28 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# write_atomic's temporary names: ".NAME." + mkstemp's 8 random characters + ".tmp"
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+TEMP_DIRS = (".", "figures")  # where the report writes, relative to the results directory
+
+
+def stale_temps(results_dir: str | os.PathLike) -> list[Path]:
+    """The temporary files `write_atomic` left in the results directory (a killed writer's)."""
+    root = Path(results_dir)
+    return sorted(p for d in TEMP_DIRS if (root / d).is_dir() for p in (root / d).iterdir()
+                  if TEMP_NAME.fullmatch(p.name) and p.is_file())
+
+
+def remove_stale_temps(results_dir: str | os.PathLike) -> list[Path]:
+    """Remove `stale_temps`; only safe while holding the run lock (no writer is running)."""
+    gone = []
+    for path in stale_temps(results_dir):
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove: leave it
+            path.unlink()
+            gone.append(path)
+    return gone
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
@@ -124,6 +149,7 @@ def run_lock(results_dir: str | os.PathLike, wait: bool = False,
         lock.acquire(timeout=-1)
     _held[path] = [lock, 1]
     try:
+        remove_stale_temps(root)  # a killed run's half-written files: no writer runs now
         yield
     finally:
         del _held[path]

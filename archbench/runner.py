@@ -14,8 +14,9 @@ fastest layout for tiny models on a few cores; `ray`: one Ray task per job, on t
 or a cluster, see archbench/ray_executor.py; `slurm`: one Slurm job per job through submitit,
 see archbench/slurm_executor.py) with a small interface: `capacity` (how many
 jobs to keep in flight), `submit(tag, fn, args)`, `next_done(timeout) -> (tag, result)`,
-`cancel()` and `close()`. Dependencies and priorities live in the driver alone, so every
-executor gets them. Each cell is isolated: an exception becomes an `error` row with its
+`cancel()` and `close()` (`archbench/executors.py`; the jobs themselves, `train_organism`
+and `run_cell`, are in `archbench/jobs.py`, which every executor imports instead of this
+module). Dependencies and priorities live in the driver alone, so every executor gets them. Each cell is isolated: an exception becomes an `error` row with its
 traceback and the sweep goes on. The driver alone writes the store, one transaction per
 finished cell, so a killed run resumes where it stopped; finished cells are skipped on
 rerun (as in HELM's runner).
@@ -24,24 +25,17 @@ rerun (as in HELM's runner).
 from __future__ import annotations
 
 import collections
-import ctypes
 import heapq
 import itertools
-import multiprocessing
 import os
-import resource
-import signal
-import sys
 import time
-import traceback
-import warnings
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
-from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from archbench import integrity, registry, zoo
+from archbench import registry, zoo
 from archbench.costs import CostModel
+from archbench.jobs import gated_row, run_cell, train_organism
+from archbench.local_executor import LocalExecutor
 from archbench.progress import Progress
 from archbench.results_dir import run_lock
 from archbench.verdict import Settings as VerdictSettings
@@ -60,197 +54,8 @@ def expand(archs: Iterable[str], techniques: Iterable[str], tasks: Iterable[str]
             for a, k, s, t, control in itertools.product(archs, tasks, seeds, techniques, (False, True))]
 
 
-def _init_worker() -> None:
-    """One thread per worker for torch and for numpy/scipy's BLAS (reservoirpy's ridge
-    solves would otherwise start a BLAS thread per core in every worker)."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(1)
-    threadpool_limits(1)
-
-
-def _init_pool_worker(driver_pid: int) -> None:
-    """`_init_worker`, and on Linux die with the driver even when it is SIGKILLed (an
-    orphaned worker would otherwise go on training organisms nobody will read)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-        if os.getppid() != driver_pid:  # the driver died before the line above took effect
-            os._exit(1)
-    _init_worker()
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _warning_lines(caught: list) -> list[str]:
-    """Distinct warnings a job raised, one line each, for the driver to show above the bar."""
-    return list(dict.fromkeys(f"{w.category.__name__}: {str(w.message).strip().splitlines()[0]}"
-                              for w in caught if str(w.message).strip()))
-
-
-def train_organism(arch: str, task_name: str, seed: int, gate: float, no_retrain: bool = False) -> dict[str, Any]:
-    """An organism job (in a worker): train or load one organism; return its metadata and gate.
-
-    With `no_retrain` a cached organism that fails its integrity checks is not rebuilt: the
-    result carries `refused`, the one line saying which file and why."""
-    start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        try:
-            task = registry.task(task_name)
-            _, meta = zoo.organism(arch, task, seed, no_retrain=no_retrain)
-            out = {"ok": True, "meta": meta, "gate": zoo.gate_reason(meta, gate)}
-        except zoo.CorruptOrganism as exc:  # raised only with no_retrain
-            out = {"ok": False, "error": str(exc), "refused": str(exc)}
-        except Exception:
-            out = {"ok": False, "error": traceback.format_exc()}
-    return out | {"wall_s": time.perf_counter() - start, "warnings": _warning_lines(caught)}
-
-
-def _gated_row(meta: dict[str, Any], reason: str) -> dict[str, Any]:
-    return {"organism_accuracy": meta["accuracy"], "status": "n/a", "reason": f"gate failed: {reason}"}
-
-
-def _scored_row(adapter, spec: RunSpec, task) -> dict[str, Any]:
-    """The technique's row on one adapter: ok with a finite score, n/a with a reason, or an
-    error when the model's activations or the technique's numbers are not finite."""
-    problem = integrity.nonfinite_activations(adapter, task, spec.seed)
-    if problem:
-        return {"status": "error", "error": f"{spec.label()}: {problem}"}
-    result = registry.technique(spec.technique)()(adapter, task, spec.seed)
-    if not result.applicable:
-        return {"status": "n/a", "reason": result.reason}
-    problem = integrity.nonfinite_result(result)
-    if problem:
-        return {"status": "error", "error": f"{spec.label()}: {problem}"}
-    return {"status": "ok", "score": float(result.score), "per_example": result.per_example,
-            "metrics": result.metrics, "details": result.details}
-
-
-def run_cell(spec: RunSpec, gate: float, no_retrain: bool = False) -> dict[str, Any]:
-    """A cell job (in a worker): one technique on one organism or control; never raises.
-
-    NaN and infinities never become scores: they make an `error` row (rerun next time).
-    With `no_retrain` an organism that fails its integrity checks makes a row with
-    `refused` (the one line saying which file and why), which the driver stops on."""
-    start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        try:
-            task = registry.task(spec.task).for_seed(spec.seed)
-            # a control cell needs the organism's metadata (its gate) but not its weights
-            meta = zoo.cached_meta(spec.arch, task, spec.seed, no_retrain) if spec.control else None
-            trained = None
-            if meta is None:
-                trained, meta = zoo.organism(spec.arch, task, spec.seed, no_retrain=no_retrain)
-            reason = zoo.gate_reason(meta, gate)
-            if reason:
-                row = _gated_row(meta, reason)
-            else:
-                adapter = zoo.control(spec.arch, task, spec.seed) if spec.control else trained
-                row = {"organism_accuracy": meta["accuracy"]} | _scored_row(adapter, spec, task)
-        except zoo.CorruptOrganism as exc:  # raised only with no_retrain
-            row = {"status": "error", "error": str(exc), "refused": str(exc)}
-        except Exception:
-            row = {"status": "error", "error": traceback.format_exc()}
-    return row | {"wall_s": time.perf_counter() - start, "peak_mem_mb": _peak_mb(),
-                  "warnings": _warning_lines(caught)}
-
-
 # ---------------------------------------------------------------------------------------
-# executors: capacity, submit(tag, fn, args), next_done(timeout) -> (tag, result) | None,
-# cancel(), close(); `map_calls` runs a plain list of calls through any of them
-
-
-def map_calls(executor, fn: Callable, calls: Iterable[tuple], on_done: Callable[[tuple, Any], None]) -> None:
-    """Run `fn(*args)` for every call, at most `executor.capacity` at a time, in order of
-    submission; hand each result to `on_done(args, result)` in this process as it finishes."""
-    pending = list(calls)
-    todo = iter(enumerate(pending))
-    in_flight = 0
-    try:
-        while True:
-            for tag, args in itertools.islice(todo, max(0, executor.capacity - in_flight)):
-                executor.submit(tag, fn, args)
-                in_flight += 1
-            if not in_flight:
-                return
-            got = executor.next_done(None)
-            if got is not None:
-                in_flight -= 1
-                on_done(pending[got[0]], got[1])
-    except BaseException:
-        executor.cancel()
-        raise
-
-
-class LocalExecutor:
-    """A process pool (or the calling process when workers == 1), one torch thread each.
-
-    The pool is started on the first submitted job and kept for the rest of the run, so
-    workers import torch and transformers once per run; `close` ends it.
-    """
-
-    def __init__(self, workers: int):
-        self.workers = max(1, workers)
-        self._pool: ProcessPoolExecutor | None = None
-        self._futures: dict[Any, Any] = {}  # Future -> tag
-        self._inline: collections.deque = collections.deque()  # (tag, fn, args) with 1 worker
-        self._initialised = False
-
-    @property
-    def capacity(self) -> int:
-        return self.workers
-
-    def submit(self, tag: Any, fn: Callable, args: tuple) -> None:
-        if self.workers == 1:  # in-process: run when the driver asks for the next result
-            if not self._initialised:
-                _init_worker()
-                self._initialised = True
-            self._inline.append((tag, fn, args))
-            return
-        if self._pool is None:
-            ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx,
-                                             initializer=_init_pool_worker, initargs=(os.getpid(),))
-        self._futures[self._pool.submit(fn, *args)] = tag
-
-    def next_done(self, timeout: float | None = None) -> tuple[Any, Any] | None:
-        """The next finished job as (tag, result); None if none finished within `timeout` s."""
-        if self._inline:
-            tag, fn, args = self._inline.popleft()
-            return tag, fn(*args)
-        if not self._futures:
-            raise RuntimeError("next_done() with no job in flight")
-        done, _ = wait_futures(self._futures, timeout, return_when=FIRST_COMPLETED)
-        if not done:
-            return None
-        future = next(iter(done))
-        return self._futures.pop(future), future.result()
-
-    def cancel(self) -> None:
-        """Interrupted (Ctrl-C, SIGTERM) or the driver failed: stop the workers now rather
-        than wait for their running jobs. concurrent.futures has no public way to kill running
-        workers, hence the private process table."""
-        self._inline.clear()
-        self._futures.clear()
-        if self._pool is not None:
-            for proc in list((self._pool._processes or {}).values()):
-                proc.terminate()
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-
-    def map(self, fn: Callable, calls: list[tuple], on_done: Callable[[tuple, Any], None]) -> None:
-        map_calls(self, fn, calls, on_done)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
+# executors (archbench/executors.py has the interface): the local pool, Ray, Slurm
 
 def _ray_executor(workers: int | None, **options: Any):
     from archbench.ray_executor import RayExecutor  # imports ray only when asked for
@@ -422,7 +227,7 @@ def _run(specs: list[RunSpec], store: Store, summary: RunSummary, workers: int, 
         store.put_organism(meta, reason)
         jobs = [sched.cell_job(s) for s in by_organism[o]]
         if reason:
-            gated += [(j, _gated_row(meta, reason)) for j in jobs]
+            gated += [(j, gated_row(meta, reason)) for j in jobs]
         else:
             sched.add_cells(jobs)
 
@@ -456,7 +261,7 @@ def _run(specs: list[RunSpec], store: Store, summary: RunSummary, workers: int, 
         store.put_organism(out["meta"], out["gate"])
         if out["gate"]:
             for cell in cells:
-                record(cell, _gated_row(out["meta"], out["gate"]), False)
+                record(cell, gated_row(out["meta"], out["gate"]), False)
         else:
             sched.add_cells(cells)
 

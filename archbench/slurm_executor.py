@@ -2,10 +2,10 @@
 
 Jobs are submitted through submitit (Facebook AI Research, https://github.com/facebookincubator/submitit,
 MIT licence), the usual Python front end to Slurm's `sbatch`, `sacct` and `scancel`. Same
-interface as `runner.LocalExecutor` and `ray_executor.RayExecutor`: `capacity` (jobs to keep
-in flight), `submit(tag, fn, args)` submits `fn(*args)` as one job, `next_done(timeout)` returns
-the next finished (tag, result) to the driver, `cancel()` scancels what is in flight,
-`map(fn, calls, on_done)` runs a plain list of calls. The driver keeps the queue (longest job
+interface (`archbench.executors.Executor`) as `local_executor.LocalExecutor` and
+`ray_executor.RayExecutor`: `capacity` (jobs to keep in flight), `submit(tag, fn, args)`
+submits `fn(*args)` as one job, `next_done(timeout)` returns the next finished (tag, result)
+to the driver, `cancel()` scancels what is in flight, `map(fn, calls, on_done)` runs a plain list of calls. The driver keeps the queue (longest job
 first, cells behind their organism) and alone writes the store (a job only returns its row),
 so resume works unchanged.
 
@@ -57,6 +57,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from archbench import zoo
+from archbench.executors import map_calls
+from archbench.jobs import failed_result
 
 INSTALL_HINT = 'the slurm executor needs submitit: pip install "archbench[slurm]"'
 DEFAULT_JOBS = 32  # jobs in flight without --workers
@@ -68,10 +70,6 @@ NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm")
 class SlurmError(Exception):
     """The executor cannot run here as configured (no Slurm, a refused test job, a node-local
     path); the command line reports it as a one-line usage error."""
-
-
-class JobFailed(RuntimeError):
-    """A job of a plain `map` call died on the cluster (cells and organisms get error rows instead)."""
 
 
 def slurm_minutes(text: str) -> int:
@@ -103,24 +101,11 @@ def _call(fn: Callable, args: tuple, threads: int, cache: str) -> Any:
     os.environ["ARCHBENCH_CACHE"] = cache  # whatever the cluster's environment export policy is
     import torch
 
-    from archbench import runner
+    from archbench.jobs import init_worker
 
-    runner._init_worker()  # what the local pool's workers do: one torch (and BLAS) thread
+    init_worker()  # what the local pool's workers do: one torch (and BLAS) thread
     torch.set_num_threads(threads)
     return fn(*args)
-
-
-def failed_result(fn: Callable, error: str) -> dict[str, Any]:
-    """What an organism or cell job that died on the cluster returns instead of its result (the
-    shapes `runner.train_organism` and `runner.run_cell` return for an exception); a plain `map`
-    call raises JobFailed."""
-    from archbench import runner
-
-    if fn is runner.run_cell:
-        return {"status": "error", "error": error, "warnings": []}
-    if fn is runner.train_organism:
-        return {"ok": False, "error": error, "warnings": []}
-    raise JobFailed(error)
 
 
 def _node_local(path: Path) -> bool:
@@ -259,8 +244,6 @@ class SlurmExecutor:
         """Nothing to shut down: jobs are Slurm's, and none is left in flight after a run."""
 
     def map(self, fn: Callable, calls: list[tuple], on_done: Callable[[tuple, Any], None]) -> None:
-        from archbench.runner import map_calls
-
         if calls:
             map_calls(self, fn, calls, on_done)
 

@@ -335,8 +335,13 @@ def unpack(results_dir: str | Path) -> bool:
     return True
 
 
-def load_results(results_dir: str | Path = "results"):
-    """The cells of a results directory (`archbench.db` or `archbench.db.gz`) as a pandas DataFrame."""
+def load_results(results_dir: str | Path | None = None):
+    """The cells of a results directory (`archbench.db` or `archbench.db.gz`) as a pandas DataFrame;
+    by default the directory a run writes to (`results_dir.DEFAULT`, as on the command line)."""
+    if results_dir is None:
+        from archbench.results_dir import DEFAULT
+
+        results_dir = DEFAULT
     if not has_store(results_dir):
         path = Path(results_dir) / DB_NAME
         raise FileNotFoundError(f"no results store at {path}: run `archbench run --matrix --results {results_dir}`")

@@ -4,17 +4,27 @@ A technique asks for roles (e.g. `stream`) and capabilities (e.g. `gradients`), 
 adapter (a trained organism or its random-init control) and a task, and returns a `Result`:
 one primary `score` in [0, 1] (higher = the known mechanism was recovered better),
 `per_example` values whose mean is the score before clipping (the verdict bootstraps over
-them), secondary metrics, per-site details, or `applicable=False` with a reason.
+them), secondary metrics, per-site details, or `applicable=False` with a reason. The helpers
+techniques share to compute a score are in `archbench/technique_helpers.py`.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
+
+# the helpers this module used to define, for plugins that import them from here
+from archbench.technique_helpers import (answer_prediction, chance_corrected, majority_rate,  # noqa: F401
+                                         representation_sites)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["SCORING_VERSION", "Result", "Technique", "answer_prediction", "chance_corrected", "majority_rate",
+           "representation_sites"]
 
 # Bumped whenever the meaning of any score changes (chance correction, scored sites, the
 # verdict's interval). It is part of every cell's key, and `archbench report` refuses to put
@@ -59,6 +69,17 @@ class Technique(abc.ABC):
     # chance-corrected (a capability present at init, a floor of the estimator); the report
     # prints it beside every control mean above `report_tables.HIGH_CONTROL`.
     control_floor: ClassVar[str] = ""
+    # What the report draws by depth: the `details` key that holds this technique's per-site
+    # value (rows with a `layer`; rows marked `trivial` or `scored=False` are left out).
+    # None: no depth figure.
+    depth_value: ClassVar[str | None] = None
+
+    @classmethod
+    def report_tables(cls, cells: pd.DataFrame, reference: str) -> list:
+        """The report's tables that only this technique's cells can give (`report_tables.Table`
+        each), placed after the behaviour table; `cells` holds every cell of the store.
+        None by default."""
+        return []
 
     def __init__(self, **config: Any):
         self.config = {**self.default_config, **config}
@@ -86,34 +107,3 @@ class Technique(abc.ABC):
     def run(self, adapter, task, seed: int) -> Result:
         """Score the technique on one adapter and task with data drawn from `seed`."""
 
-
-def chance_corrected(values, chance: float) -> np.ndarray:
-    """(x - chance) / (1 - chance): 0 at chance, 1 at perfect, negative below chance."""
-    return (np.asarray(values, dtype=float) - chance) / max(1.0 - chance, 1e-9)
-
-
-def answer_prediction(logits: torch.Tensor, task) -> torch.Tensor:
-    """The task's answer token with the highest logit: (n, V) -> (n,) token ids.
-
-    Behavioural scores decide among `task.answer_tokens()` only, so a decoder that puts
-    mass on tokens the task never answers with is not penalised for the vocabulary's size.
-    """
-    answers = task.answer_tokens().to(logits.device)  # (C,)
-    return answers[logits[:, answers].argmax(-1)]  # (n,)
-
-
-def majority_rate(answer: torch.Tensor) -> float:
-    """The chance level of a cell's answers: the share of its most frequent answer."""
-    return float(torch.unique(answer, return_counts=True)[1].max()) / max(len(answer), 1)
-
-
-def representation_sites(adapter, names: list[str]) -> list[str]:
-    """The sites a representation score may use: no raw embedding, no readout input.
-
-    The input embedding holds the input tokens, and the deepest `stream` site feeds the
-    readout directly, where any model that solves the task holds the answer; scoring either
-    would credit a probe for reading the input or the output instead of the mechanism.
-    """
-    streams = [n for n in names if adapter.specs[n].role == "stream"]
-    deepest = max(streams, key=lambda n: adapter.specs[n].layer or 0) if streams else None
-    return [n for n in names if adapter.specs[n].role != "embed" and n != deepest]

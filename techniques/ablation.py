@@ -66,7 +66,8 @@ import math
 import numpy as np
 import torch
 
-from archbench.technique import Result, Technique, answer_prediction
+from archbench.technique import Result, Technique
+from archbench.technique_helpers import answer_prediction
 
 COMPONENT_ROLES = ("mixer", "mlp")
 DENOMINATOR_FLOOR = 0.05
@@ -122,6 +123,7 @@ class Ablation(Technique):
     # max_points: kept counts on the curve at most
     default_config = {"n_train": 256, "n_test": 512, "max_rows": 8192, "random_subsets": 16,
                       "max_points": 16}
+    depth_value = "mean_effect"  # accuracy drop when the component alone is mean-ablated
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:

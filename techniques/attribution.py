@@ -55,7 +55,8 @@ from __future__ import annotations
 import torch
 from captum.attr import FeatureAblation, InputXGradient, IntegratedGradients
 
-from archbench.technique import Result, Technique, answer_prediction, chance_corrected
+from archbench.technique import Result, Technique
+from archbench.technique_helpers import answer_prediction, chance_corrected
 
 
 def auroc_rows(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

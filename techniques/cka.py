@@ -42,6 +42,8 @@ architectures (`cka_from_packed`) without rerunning a model; `metrics["cka_biase
 ordinary CKA with Y at that site. `cka_matrix(adapters, task, seed)` returns a long-form
 DataFrame of ordinary (`cka`) and debiased (`cka_debiased`) CKA between every pair of sites
 of every pair of adapters (and the ground truth, arch "task"), on the same examples.
+The report's architecture-similarity table (`CKA.report_tables`) is built in
+`techniques/cka_similarity.py`.
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from archbench.technique import Result, Technique, representation_sites
-
-SITE_ROLES = ("stream", "state")
+from archbench.technique import Result, Technique
+from archbench.technique_helpers import (REPRESENTATION_ROLES, no_representation_site, one_hot, primary_value,
+                                         representation_names, representation_sites)
 
 
 def _hsic_loo(g: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,9 +118,9 @@ def debiased_cka(x: torch.Tensor, y: torch.Tensor, loo: bool = False):
 
 
 def _primary(ex, task) -> torch.Tensor:
-    lat = ex.latents[task.primary]
-    y = lat if lat.dim() == 1 else lat[:, task.primary_position]  # (n,)
-    return (y[:, None] == torch.unique(y)[None]).double()  # (n, C) one-hot
+    """The one-hot primary variable of a sample: (n, C), C its distinct values."""
+    y = primary_value(ex.latents, task)  # (n,)
+    return one_hot(y, torch.unique(y))  # (n, C)
 
 
 def normalised_gram(x: torch.Tensor) -> torch.Tensor:
@@ -155,21 +157,29 @@ class CKA(Technique):
                      "in any model, random-init included, so the state's Gram matrix already aligns with "
                      "the variable's: random-init Mamba, Mamba-2 and RWKV controls score 0.35-0.37 on facts.")
     representation = True
-    roles = frozenset(SITE_ROLES)
+    roles = frozenset(REPRESENTATION_ROLES)
     # n_gram: the first n_gram test examples' normalised Gram of the scored site is stored
     # (about n_gram^2 / 2 numbers) for the report's architecture x architecture table;
     # n_select: train examples on which the scored site is chosen
     default_config = {"n_test": 512, "n_gram": 64, "n_select": 512}
+    depth_value = "cka"
+
+    @classmethod
+    def report_tables(cls, cells: pd.DataFrame, reference: str) -> list:
+        """The architecture-similarity table (`techniques/cka_similarity.py`)."""
+        from archbench.techniques.cka_similarity import similarity
+
+        table = similarity(cells, reference)
+        return [] if table is None else [table]
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:
         cfg = self.config
-        names = adapter.names(list(SITE_ROLES) + ["embed"])
-        scored = set(representation_sites(adapter, names))
-        names = [nm for nm in names if adapter.specs[nm].role in SITE_ROLES]
+        all_names = representation_names(adapter)
+        scored = set(representation_sites(adapter, all_names))
+        names = [nm for nm in all_names if adapter.specs[nm].role in REPRESENTATION_ROLES]
         if not scored:
-            return Result.not_applicable(f"{adapter.family} has no representation site besides "
-                                         "the embedding and the readout's input")
+            return Result.not_applicable(no_representation_site(adapter))
         test, select = task.sample(cfg["n_test"], seed, "test"), task.sample(cfg["n_select"], seed, "train")
         at = adapter.answer_position(task.seq_len)
         acts = adapter.run(test.tokens, cache=names).cache  # name -> (n, T, *f)
@@ -193,7 +203,7 @@ class CKA(Technique):
             pseudo.tolist(), details=details,
             metrics={"best_site": best["site"], "best_layer": best["layer"], "cka_biased": best["cka_biased"],
                      "deepest_site_cka": deepest[0] if deepest else None,
-                     "excluded_sites": sorted(set(adapter.names(list(SITE_ROLES) + ["embed"])) - scored),
+                     "excluded_sites": sorted(set(all_names) - scored),
                      "jackknife_se": float(pseudo.std() / n ** 0.5),
                      "projection": {"method": "none", "reason": "the Gram matrix is exact at full width"},
                      "gram_n": min(cfg["n_gram"], n),
@@ -201,7 +211,8 @@ class CKA(Technique):
 
 
 @torch.no_grad()
-def cka_matrix(adapters: dict, task, seed: int, n: int = 512, roles=("embed",) + SITE_ROLES) -> pd.DataFrame:
+def cka_matrix(adapters: dict, task, seed: int, n: int = 512,
+               roles=("embed",) + REPRESENTATION_ROLES) -> pd.DataFrame:
     """Long-form CKA between every site pair of every adapter pair (plus the ground truth)."""
     test = task.sample(n, seed, "test")
     reps = {("task", task.primary): (_primary(test, task), None)}

@@ -36,15 +36,15 @@ from __future__ import annotations
 
 import torch
 
-from archbench.technique import Result, Technique, answer_prediction, chance_corrected, majority_rate
-
-SITE_ROLES = ("stream", "state")
+from archbench.technique import Result, Technique
+from archbench.technique_helpers import (REPRESENTATION_ROLES, answer_prediction, chance_corrected, deepest_site,
+                                         majority_rate)
 
 
 def lens_sites(adapter, acts: dict[str, torch.Tensor]) -> tuple[list[str], str]:
     """(sites to decode in depth order, the deepest stream site): states only if shaped like the stream."""
     streams = [n for n in acts if adapter.specs[n].role == "stream"]
-    deepest = max(streams, key=lambda n: adapter.specs[n].layer or 0)
+    deepest = deepest_site(adapter, streams)
     shape = acts[deepest].shape[2:]
     names = [n for n in acts if adapter.specs[n].role == "stream" or acts[n].shape[2:] == shape]
     return sorted(names, key=lambda n: adapter.specs[n].layer or 0), deepest
@@ -86,11 +86,12 @@ class LogitLens(Technique):
     roles = frozenset({"stream"})
     capabilities = frozenset({"readout"})
     default_config = {"n_test": 512, "decodable": 0.5}
+    depth_value = "normalised"
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:
         test = task.sample(self.config["n_test"], seed, "test")
-        out = adapter.run(test.tokens, cache=list(SITE_ROLES))
+        out = adapter.run(test.tokens, cache=list(REPRESENTATION_ROLES))
         names, deepest = lens_sites(adapter, out.cache)
         decoded = {n: adapter.decode(out.cache[n][:, -1:])[:, 0] for n in names}  # name -> (n, V)
         return score_lens(adapter, task, names, deepest, decoded, out.logits[:, -1],

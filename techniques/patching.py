@@ -58,7 +58,8 @@ from __future__ import annotations
 import torch
 
 from archbench.hooks import Patch
-from archbench.technique import Result, Technique, answer_prediction, chance_corrected, majority_rate
+from archbench.technique import Result, Technique
+from archbench.technique_helpers import answer_prediction, chance_corrected, deepest_site, majority_rate
 
 SITE_ROLES = ("embed", "stream", "state")
 ALIGNED = "aligned"
@@ -69,6 +70,7 @@ class Patching(Technique):
     version = 2  # aligned positions, embedding-equivalent cells trivial, answer tokens, chance-corrected
     roles = frozenset({"stream", "state"})
     default_config = {"n_pairs": 256, "max_rows": 1024, "min_gain": 0.05}
+    depth_value = "normalised"
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:
@@ -106,7 +108,7 @@ class Patching(Technique):
 
         unpatched = float((answer_prediction(adapter.run(base).logits[:, -1], task) == expected).float().mean())
         chance = max(majority_rate(expected), unpatched)
-        deepest = max(names, key=lambda nm: adapter.specs[nm].layer or 0)
+        deepest = deepest_site(adapter, names)
         embeds = [nm for nm in names if adapter.specs[nm].role == "embed"]
         floor = iia[embeds[0]].mean(1) if embeds else None  # (T + 1,) embedding IIA per block
         reaches_answer = [b == T - 1 or (b == T and bool((last_changed == T - 1).any()))

@@ -85,9 +85,9 @@ import hashlib
 import numpy as np
 import torch
 
-from archbench.technique import Result, Technique, representation_sites
-
-SITE_ROLES = ("stream", "state")
+from archbench.technique import Result, Technique
+from archbench.technique_helpers import (REPRESENTATION_ROLES, class_index, no_representation_site,
+                                         representation_names, representation_sites)
 
 
 def _features(act: torch.Tensor, latent: torch.Tensor, position: int) -> torch.Tensor:
@@ -223,12 +223,6 @@ def control_labels(keys: dict[str, np.ndarray], values: dict[str, np.ndarray], n
     return out
 
 
-def _index(y_raw: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Labels -> class indices in [0, C); -1 for a label the train split never shows."""
-    slot = torch.searchsorted(classes, y_raw).clamp_max(len(classes) - 1)
-    return torch.where(classes[slot] == y_raw, slot, -1)
-
-
 class Probe(Technique):
     name = "probe"
     version = 2
@@ -237,28 +231,28 @@ class Probe(Technique):
                      "random-init layer does, while an arbitrary function of the same tokens (the control "
                      "task) is not, so selectivity is above 0 before training: a capability present at init.")
     representation = True
-    roles = frozenset(SITE_ROLES)
+    roles = frozenset(REPRESENTATION_ROLES)
     # width: features are projected onto this many principal components when wider;
     # ridges: the penalty grid (relative to the mean Gram eigenvalue), chosen on validation;
     # tolerance: the largest penalty within this of the best validation accuracy is kept;
     # n_controls: independent control-task maps, averaged.
     default_config = {"n_train": 1024, "n_val": 512, "n_test": 512, "width": 256,
                       "ridges": (1e-3, 1e-2, 1e-1, 1.0, 10.0), "tolerance": 0.01, "n_controls": 8}
+    depth_value = "selectivity"
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:
         cfg = self.config
         splits = {s: task.sample(cfg[f"n_{s}"], seed, s) for s in ("train", "val", "test")}
-        all_names = adapter.names(list(SITE_ROLES) + ["embed"])
+        all_names = representation_names(adapter)
         scored = set(representation_sites(adapter, all_names))
         if not scored:
-            return Result.not_applicable(f"{adapter.family} has no representation site besides "
-                                         "the embedding and the readout's input")
+            return Result.not_applicable(no_representation_site(adapter))
         pos = adapter.answer_position(task.seq_len)
         lat = {s: ex.latents[task.primary] for s, ex in splits.items()}
         classes = torch.unique(lat["train"])  # (C,) sorted
         C, R = len(classes), cfg["n_controls"]
-        y = {s: _index(lat[s].reshape(-1).long(), classes) for s in splits}  # (rows,) each
+        y = {s: class_index(lat[s].reshape(-1).long(), classes) for s in splits}  # (rows,) each; -1: unseen
         yc = control_labels({s: control_keys(ex, lat[s]) for s, ex in splits.items()},
                             {s: lat[s].reshape(-1).numpy() for s in splits}, C, R, seed)  # (rows, R)
         # one-hot targets: C columns for the variable, then C per control map

@@ -47,10 +47,10 @@ from __future__ import annotations
 
 import torch
 
-from archbench.technique import Result, Technique, representation_sites
+from archbench.technique import Result, Technique
+from archbench.technique_helpers import (REPRESENTATION_ROLES, latent_at, no_representation_site, one_hot,
+                                         representation_names, representation_sites)
 from archbench.techniques.probe import Projection
-
-SITE_ROLES = ("stream", "state")
 
 
 def _zscore(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +112,7 @@ class SAE(Technique):
                      "already holds latents correlated with a variable that is a simple function of them "
                      "(count's indicators).")
     representation = True
-    roles = frozenset(SITE_ROLES)
+    roles = frozenset(REPRESENTATION_ROLES)
     # width: sites wider than this are projected onto their top principal components;
     # n_sae_seeds: SAEs per site, seeded 1000 + 10 * seed + i (never the task seed)
     # n_train 512 and at most 256 latents: a random-init Mamba parity cell (3 sites x 3 SAEs) takes
@@ -125,24 +125,19 @@ class SAE(Technique):
         cfg, pos = self.config, task.primary_position
         at = adapter.answer_position(task.seq_len)  # activation position of the answer
         train, test = task.sample(cfg["n_train"], seed, "train"), task.sample(cfg["n_test"], seed, "test")
-        names = adapter.names(list(SITE_ROLES) + ["embed"])
-        candidates = [nm for nm in representation_sites(adapter, names) if adapter.specs[nm].role in SITE_ROLES]
+        names = representation_names(adapter)
+        candidates = representation_sites(adapter, names)
         if not candidates:
-            return Result.not_applicable(f"{adapter.family} has no representation site besides "
-                                         "the embedding and the readout's input")
+            return Result.not_applicable(no_representation_site(adapter))
         tr, te = adapter.run(train.tokens, cache=candidates), adapter.run(test.tokens, cache=candidates)
-
-        def value(ex, key):
-            lat = ex.latents[key]
-            return lat if lat.dim() == 1 else lat[:, pos]
 
         keys = [task.primary] if cfg["latents"] == "primary" else \
             [key for key in train.latents if train.latents[key].dim() == 1 or key == task.primary]
         truth = {}
         for key in keys:
-            vals = torch.unique(value(train, key))
-            truth[key] = ((value(train, key)[:, None] == vals).double(),  # (N, G)
-                          (value(test, key)[:, None] == vals).double())  # (M, G)
+            y_tr, y_te = latent_at(train.latents[key], pos), latent_at(test.latents[key], pos)  # (N,), (M,)
+            vals = torch.unique(y_tr)  # (G,)
+            truth[key] = (one_hot(y_tr, vals), one_hot(y_te, vals))  # (N, G), (M, G)
         sae_seeds = [1000 + 10 * seed + i for i in range(cfg["n_sae_seeds"])]
         sites = {}
         for nm in candidates:

@@ -50,38 +50,36 @@ from __future__ import annotations
 
 import torch
 
-from archbench.technique import Result, Technique, answer_prediction
-
-SITE_ROLES = ("stream", "state")
+from archbench.technique import Result, Technique
+from archbench.technique_helpers import (REPRESENTATION_ROLES, answer_prediction, class_index, deepest_site,
+                                         primary_value)
 
 
 class Steering(Technique):
     name = "steering"
     version = 2  # correct bases only, minus a random direction, answer tokens, scales 0.5 and 1
-    roles = frozenset(SITE_ROLES)
+    roles = frozenset(REPRESENTATION_ROLES)
     default_config = {"n_train": 1024, "n_pairs": 256, "scales": (0.5, 1.0)}
+    depth_value = "normalised"
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:
-        cfg, pos = self.config, task.primary_position
+        cfg = self.config
         at = adapter.answer_position(task.seq_len)  # activation position of the answer
 
         def value(tokens):  # the primary variable at the primary position: (n,)
-            lat = task.latents(tokens)[task.primary]
-            return (lat if lat.dim() == 1 else lat[:, pos]).contiguous()
+            return primary_value(task.latents(tokens), task).contiguous()
 
         train = task.sample(cfg["n_train"], seed, "train")
         classes = torch.unique(value(train.tokens))  # (C,) sorted
-        y = torch.searchsorted(classes, value(train.tokens))  # (N,) in [0, C)
+        y = class_index(value(train.tokens), classes)  # (N,) in [0, C)
         cf = task.counterfactuals(cfg["n_pairs"], seed, "test")
-        u_raw, v_raw = value(cf.base), value(cf.source)  # (n,), (n,)
-        u = torch.searchsorted(classes, u_raw).clamp_max(len(classes) - 1)  # (n,)
-        v = torch.searchsorted(classes, v_raw).clamp_max(len(classes) - 1)  # (n,)
-        candidate = (cf.expected != cf.base_answer) & (classes[u] == u_raw) & (classes[v] == v_raw)
+        u, v = class_index(value(cf.base), classes), class_index(value(cf.source), classes)  # (n,), (n,); -1: unseen
+        candidate = (cf.expected != cf.base_answer) & (u >= 0) & (v >= 0)
         if not bool(candidate.any()):
             return Result.not_applicable("no counterfactual pair changes the answer")
-        names = adapter.names(list(SITE_ROLES))
-        deepest = max(names, key=lambda nm: adapter.specs[nm].layer or 0)
+        names = adapter.names(list(REPRESENTATION_ROLES))
+        deepest = deepest_site(adapter, names)
         if names == [deepest]:
             return Result.not_applicable(f"{adapter.family} has no intermediate site to steer")
         correct = answer_prediction(adapter.run(cf.base).logits[:, -1], task) == cf.base_answer  # (n_pairs,)

@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 
 from archbench.technique import Result, Technique
-from archbench.techniques.logit_lens import SITE_ROLES, lens_sites, score_lens
+from archbench.technique_helpers import REPRESENTATION_ROLES
+from archbench.techniques.logit_lens import lens_sites, score_lens
 
 
 def fit_affine(x: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -55,14 +56,15 @@ class TunedLens(Technique):
     version = 2  # answer tokens only, chance-corrected
     roles = frozenset({"stream"})
     default_config = {"n_train": 2048, "n_test": 512, "ridge": 1e-3, "decodable": 0.5}
+    depth_value = "normalised"
 
     @torch.no_grad()
     def run(self, adapter, task, seed: int) -> Result:
         cfg = self.config
         train = task.sample(cfg["n_train"], seed, "train")
         test = task.sample(cfg["n_test"], seed, "test")
-        tr = adapter.run(train.tokens, cache=list(SITE_ROLES))
-        te = adapter.run(test.tokens, cache=list(SITE_ROLES))
+        tr = adapter.run(train.tokens, cache=list(REPRESENTATION_ROLES))
+        te = adapter.run(test.tokens, cache=list(REPRESENTATION_ROLES))
         _, deepest = lens_sites(adapter, tr.cache)
         names = sorted(tr.cache, key=lambda n: adapter.specs[n].layer or 0)  # every stream and state
         readout = "readout" in adapter.capabilities

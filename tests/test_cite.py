@@ -77,6 +77,23 @@ def test_cite_results_picks_what_was_used(tmp_path, capsys, monkeypatch):
     assert "% no reference recorded for technique:frobnicate" in out
 
 
+def test_cite_results_reads_a_published_archbench_db_gz(tmp_path, capsys):
+    import gzip
+    import shutil
+
+    with Store(tmp_path / "r") as store:
+        store.put_cell(RunSpec("probe", "mamba", "modadd", 0), {"status": "n/a", "reason": "synthetic"})
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    published = tmp_path / "published"  # only archbench.db.gz, as the committed results/ holds
+    published.mkdir()
+    with open(tmp_path / "r" / "archbench.db", "rb") as src, gzip.open(published / "archbench.db.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    assert main(["cite", "--results", str(published)]) == 0
+    keys = set(parse_bibtex(capsys.readouterr().out))
+    assert {"archbench", "alain2016understanding", "gu2023mamba"} <= keys and "vaswani2017attention" not in keys
+    assert sorted(p.name for p in published.iterdir()) == ["archbench.db.gz"]  # read through a copy
+
+
 def test_cite_bad_results_dir_is_one_line(tmp_path, capsys):
     assert main(["cite", "--results", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0

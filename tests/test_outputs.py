@@ -12,6 +12,7 @@ import errno
 import gzip
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from archbench import cli, registry, report, results_dir, runner, store, zoo
+from archbench import cli, jobs, registry, report, results_dir, runner, store, zoo
 from archbench.cli import main
 from archbench.store import RunSpec, Store
 from archbench.technique import SCORING_VERSION, Result, Technique
@@ -70,6 +71,25 @@ def test_a_run_killed_before_its_report_gets_the_report_on_rerun(fakes, tmp_path
     assert "4 cells: 4 already done" in capsys.readouterr().out
     board = (r / "LEADERBOARD.md").read_text()
     assert "constant2" in board and "constant2" in (r / "cells.csv").read_text()
+
+
+def test_a_writer_killed_between_write_and_rename_leaves_no_temp_file_after_the_next_run(fakes, tmp_path):
+    r = tmp_path / "r"
+    assert main(run_args(r)) == 0
+    # a process SIGKILLed after writing its temporary file, before renaming it into place
+    killed = ("import os, signal, sys\n"
+              "from archbench import results_dir\n"
+              "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "results_dir.write_atomic(sys.argv[1], b'half a report')\n")
+    for name in ("LEADERBOARD.md", "figures/transfer_matrix.png"):
+        proc = subprocess.run([sys.executable, "-c", killed, str(r / name)])
+        assert proc.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in r.rglob("*.tmp"))
+    assert len(left) == 2 and all(n.startswith((".LEADERBOARD.md.", ".transfer_matrix.png.")) for n in left)
+    assert results_dir.stale_temps(r) == sorted(r.rglob("*.tmp"))
+    assert main(run_args(r)) == 0
+    assert not list(r.rglob("*.tmp"))  # the next run removed them
+    assert "half a report" not in (r / "LEADERBOARD.md").read_text()
 
 
 def test_a_truncated_or_missing_report_file_is_rewritten(fakes, tmp_path, capsys):
@@ -283,6 +303,18 @@ def test_the_default_results_directory_is_not_the_published_one(fakes, tmp_path,
     assert "archbench-results/" in gitignore
 
 
+def test_load_results_defaults_to_the_directory_a_run_writes(fakes, tmp_path, monkeypatch):
+    import archbench
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="archbench-results"):
+        archbench.load_results()
+    assert main(["run", "--matrix", "--arch", "transformer", "--technique", "constant", "--task", "modadd",
+                 "--seeds", "1", "--workers", "1", "--no-progress"]) == 0  # no --results: the default
+    assert len(archbench.load_results()) == len(store.load_results()) == 2
+    assert (archbench.load_results().technique == "constant").all()
+
+
 def _published(tmp_path) -> Path:
     """A directory holding only archbench.db.gz, as the committed results/ does."""
     r = tmp_path / "published"
@@ -347,7 +379,7 @@ class InterruptedAtFirstCell:
 
     def next_done(self, timeout=None):
         tag, (fn, args) = self.running.popitem()
-        if fn is not runner.train_organism:
+        if fn is not jobs.train_organism:
             raise KeyboardInterrupt
         meta = zoo.plant(*args[:3])
         return tag, {"ok": True, "meta": meta, "gate": None, "wall_s": 1.0}

@@ -71,3 +71,27 @@ def test_ray_flags_need_the_ray_executor(tmp_path, capsys):
     assert "--address needs --executor ray" in capsys.readouterr().err
     assert cli.main(["run", "--matrix", *ARGS, "--executor", "ray", "--ray-cpus-per-task", "-1",
                      "--results", str(tmp_path)]) == 2
+
+
+def test_a_ray_worker_that_dies_makes_an_error_row_not_a_crash(ray_local, isolated_cache, tmp_path):
+    import os
+
+    from archbench import jobs
+    from archbench.ray_executor import RayExecutor
+
+    class KillsPatchingWorkers(RayExecutor):
+        """The patching cells' job kills its Ray worker process (os._exit) instead of running."""
+
+        def _start(self, fn, args):
+            if fn is jobs.run_cell and args[0].technique == "patching":
+                return super()._start(os._exit, (1,))
+            return super()._start(fn, args)
+
+    zoo.plant("transformer", "modadd", 0)
+    specs = runner.expand(["transformer"], ["probe", "patching"], ["modadd"], [0])
+    runner.run_matrix(specs, tmp_path, executor=KillsPatchingWorkers(2, max_retries=0), progress=False)
+    with Store(tmp_path) as s:
+        cells = s.cells().set_index("technique")
+    assert (cells.loc["probe"].status == "ok").all()  # the finished cells are kept
+    assert (cells.loc["patching"].status == "error").all() and len(cells.loc["patching"]) == 2
+    assert cells.loc["patching"].error.str.contains("Ray worker running run_cell died (WorkerCrashedError", regex=False).all()

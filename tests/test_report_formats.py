@@ -68,10 +68,10 @@ def fill(results):
                             continue
                         p = 0.0 if control else TRAINED[arch]
                         put(store, "probe", arch, task, seed, control, fraction(p),
-                            depth_details("normalised", [0.1, p, p / 2]))
+                            depth_details("selectivity", [0.1, p, p / 2]))
                         put(store, "patching", arch, task, seed, control, fraction(p),
-                            depth_details("iia", [1.0, p, 1.0], trivial=False)[:2]
-                            + [{"site": "x", "layer": 2, "iia": 1.0, "trivial": True}])
+                            depth_details("normalised", [1.0, p, 1.0], trivial=False)[:2]
+                            + [{"site": "x", "layer": 2, "normalised": 1.0, "trivial": True}])
                         put(store, "attribution", arch, task, seed, control, fraction(0.5 if control else 0.75))
                         c = 0.2 if control else CKA[arch]
                         put(store, "cka", arch, task, seed, control, [c] * N, depth_details("cka", [c / 2, c]))
@@ -283,7 +283,7 @@ def _depth_cells(values_by_seed, arch="transformer", control=False):
     import pandas as pd
 
     return pd.DataFrame([{"technique": "probe", "status": "ok", "arch": arch, "task": "modadd", "seed": seed,
-                          "control": control, "details": depth_details("normalised", values)}
+                          "control": control, "details": depth_details("selectivity", values)}
                          for seed, values in enumerate(values_by_seed)])
 
 

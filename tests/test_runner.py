@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from archbench import costs, registry, runner, zoo
+from archbench import costs, jobs, registry, runner, zoo
 from archbench.store import RunSpec, Store
 from archbench.technique import Technique
 
@@ -183,7 +183,7 @@ class SimulatedExecutor:
         self.clock, self.running, self.log = 0.0, {}, []  # log: (event, time, what)
 
     def submit(self, tag, fn, args):
-        what = args[:3] if fn is runner.train_organism else args[0]
+        what = args[:3] if fn is jobs.train_organism else args[0]
         self.running[tag] = (self.clock + self.seconds(fn, args), fn, args, what)
         self.log.append(("start", self.clock, what))
 
@@ -192,7 +192,7 @@ class SimulatedExecutor:
         end, fn, args, what = self.running.pop(tag)
         self.clock = end
         self.log.append(("end", end, what))
-        if fn is runner.train_organism:
+        if fn is jobs.train_organism:
             meta = zoo.plant(*args[:3], accuracy=self.accuracy.get(args[:3], 1.0))
             return tag, {"ok": True, "meta": meta, "gate": zoo.gate_reason(meta, args[3]), "wall_s": 1.0}
         return tag, {"status": "ok", "score": 0.5, "per_example": [0.5], "organism_accuracy": 1.0, "wall_s": 0.1}
@@ -224,7 +224,7 @@ def test_cost_model_prefers_recorded_times_and_scales_priors(tmp_path):
 def test_jobs_run_longest_first_and_cells_start_while_organisms_train(tmp_path):
     times = {("transformer", "modadd"): 30.0, ("transformer", "count"): 10.0, ("transformer", "facts"): 3.0}
     _record_training_times(tmp_path, times)
-    fake = SimulatedExecutor(2, lambda fn, args: times[args[:2]] if fn is runner.train_organism else 0.5,
+    fake = SimulatedExecutor(2, lambda fn, args: times[args[:2]] if fn is jobs.train_organism else 0.5,
                              accuracy={("transformer", "facts", 0): 0.5})
     specs = runner.expand(["transformer"], ["probe", "cka"], ["facts", "count", "modadd"], [0])
     summary = runner.run_matrix(specs, tmp_path, executor=fake, progress=False)
@@ -249,7 +249,7 @@ def test_cells_of_an_organism_that_failed_to_train_are_errors_without_retraining
     class Failing(SimulatedExecutor):
         def next_done(self, timeout=None):
             tag = min(self.running, key=lambda t: self.running[t][0])
-            if self.running[tag][1] is runner.train_organism:
+            if self.running[tag][1] is jobs.train_organism:
                 self.running.pop(tag)
                 return tag, {"ok": False, "error": "Traceback ...\nRuntimeError: diverged", "wall_s": 1.0}
             return super().next_done(timeout)

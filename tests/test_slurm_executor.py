@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from archbench import cli, runner, zoo
+from archbench import cli, jobs, runner, zoo
 from archbench.store import Store
 
 submitit = pytest.importorskip("submitit")
@@ -91,7 +91,7 @@ def test_a_refused_submission_is_an_error_row(monkeypatch, tmp_path):
                                 executor=ex, progress=False)
     assert summary.error == 2
     assert summary.errors[0].endswith("sbatch refused the job: sbatch: error: QOSMaxSubmitJobPerUserLimit")
-    with pytest.raises(slurm_executor.JobFailed, match="QOSMaxSubmitJobPerUserLimit"):
+    with pytest.raises(jobs.JobFailed, match="QOSMaxSubmitJobPerUserLimit"):
         ex.map(zoo.cache_root, [()], lambda args, out: None)  # a plain call has no row to become
 
 
@@ -99,7 +99,7 @@ def test_map_runs_organism_jobs_in_order_of_submission(tmp_path):
     zoo.plant("transformer", "facts", 0)
     ex = slurm_executor.SlurmExecutor(1, cluster="debug", folder=tmp_path / "jobs" / "%j")
     got = []
-    ex.map(runner.train_organism, [("transformer", "facts", 0, 0.9), ("transformer", "facts", 0, 1.1)],
+    ex.map(jobs.train_organism, [("transformer", "facts", 0, 0.9), ("transformer", "facts", 0, 1.1)],
            lambda args, out: got.append((args[-1], out["ok"], out["gate"])))
     assert [(gate, ok, bool(reason)) for gate, ok, reason in got] == [(0.9, True, False), (1.1, True, True)]
 
@@ -139,7 +139,7 @@ def test_cancel_is_one_scancel_for_every_slurm_job(monkeypatch, tmp_path):
     monkeypatch.setattr(submitit.SlurmJob, "watcher", submitit.slurm.slurm.SlurmInfoWatcher())  # ours alone
     ex = slurm_executor.SlurmExecutor(2, cluster="debug", folder=tmp_path / "jobs" / "%j")
     for tag, job_id in enumerate(("101", "102")):
-        ex._in_flight[submitit.SlurmJob(tmp_path / "jobs" / "%j", job_id)] = (tag, runner.run_cell)
+        ex._in_flight[submitit.SlurmJob(tmp_path / "jobs" / "%j", job_id)] = (tag, jobs.run_cell)
     ex.cancel()
     assert (tmp_path / "scancelled").read_text() == "101 102\n" and not ex._in_flight
 

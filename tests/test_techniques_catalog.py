@@ -280,7 +280,7 @@ def test_stored_grams_give_exact_cross_architecture_cka():
 def test_report_similarity_table_uses_the_stored_grams():
     import pandas as pd
 
-    from archbench.report_tables import similarity
+    from archbench.techniques.cka_similarity import similarity
     from archbench.techniques.cka import linear_cka, normalised_gram, pack_gram
 
     gen = torch.Generator().manual_seed(1)
