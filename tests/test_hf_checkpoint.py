@@ -30,8 +30,8 @@ def test_a_llama_checkpoint_loads_strictly_and_reproduces_the_logits(llama_dir):
     built = TransformerAdapter.build(vocab_size=10, seq_len=6, seed=0)
     wrapped = TransformerAdapter.from_pretrained(llama_dir)
     assert torch.equal(wrapped.run(TOKENS).logits, built.run(TOKENS).logits)
-    half = TransformerAdapter.from_pretrained(llama_dir, dtype=torch.float64)  # kwargs reach transformers
-    assert half.model.lm_head.weight.dtype == torch.float64
+    wide = TransformerAdapter.from_pretrained(llama_dir, dtype=torch.float64)  # kwargs reach transformers
+    assert wide.model.lm_head.weight.dtype == torch.float64
 
 
 def test_the_llama_adapter_refuses_a_gpt_neox_checkpoint(tmp_path):
