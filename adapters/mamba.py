@@ -44,6 +44,7 @@ from transformers import MambaConfig, MambaForCausalLM
 from transformers.models.mamba import modeling_mamba as hf_mamba
 
 from archbench.adapter import Adapter, Hook, Site, hook
+from archbench.hf_checkpoint import load_strict
 from archbench.hooks import StateHookPoint
 
 D = ("batch", "pos", "d_model")
@@ -201,9 +202,10 @@ class MambaAdapter(Adapter):
         return model.eval()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "MambaAdapter":
-        """Wrap a local `save_pretrained` directory of a MambaForCausalLM (no hub access)."""
-        model = cls._prepare(MambaForCausalLM.from_pretrained(str(path), local_files_only=True))
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> "MambaAdapter":
+        """Wrap a local `save_pretrained` directory of a MambaForCausalLM (no hub access),
+        strictly (`archbench.hf_checkpoint.load_strict`); `kwargs` go to transformers."""
+        model = cls._prepare(load_strict(MambaForCausalLM, path, **kwargs))
         c = model.config
         return cls(model, {"vocab_size": c.vocab_size, "seq_len": None, "d_model": c.hidden_size,
                            "n_layers": c.num_hidden_layers, "d_state": c.state_size, "expand": c.expand,

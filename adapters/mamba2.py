@@ -42,6 +42,7 @@ from transformers import Mamba2Config, Mamba2ForCausalLM
 from transformers.models.mamba2 import modeling_mamba2 as hf_mamba2
 
 from archbench.adapters.mamba import HookedScan, MambaAdapter
+from archbench.hf_checkpoint import load_strict
 
 STATE = ("batch", "pos", "heads", "head_dim", "d_state")
 
@@ -107,9 +108,10 @@ class Mamba2Adapter(MambaAdapter):
         return cls._prepare(Mamba2ForCausalLM(hf))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Mamba2Adapter":
-        """Wrap a local `save_pretrained` directory of a Mamba2ForCausalLM (no hub access)."""
-        model = cls._prepare(Mamba2ForCausalLM.from_pretrained(str(path), local_files_only=True))
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> "Mamba2Adapter":
+        """Wrap a local `save_pretrained` directory of a Mamba2ForCausalLM (no hub access),
+        strictly (`archbench.hf_checkpoint.load_strict`); `kwargs` go to transformers."""
+        model = cls._prepare(load_strict(Mamba2ForCausalLM, path, **kwargs))
         c = model.config
         return cls(model, {"vocab_size": c.vocab_size, "seq_len": None, "d_model": c.hidden_size,
                            "n_layers": c.num_hidden_layers, "d_state": c.state_size, "expand": c.expand,

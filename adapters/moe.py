@@ -40,6 +40,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralAttention, Mixtr
 from archbench import hf_attention
 from archbench.adapter import Hook, Site, hook
 from archbench.adapters.transformer import D, TransformerAdapter
+from archbench.hf_checkpoint import load_strict
 from archbench.hooks import HookPoint
 
 EXPERTS_NAME = "archbench_experts"
@@ -122,9 +123,10 @@ class MoEAdapter(TransformerAdapter):
         return model.eval()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "MoEAdapter":
-        """Wrap a local `save_pretrained` directory of a MixtralForCausalLM (no hub access)."""
-        model = cls._prepare(MixtralForCausalLM.from_pretrained(str(path), local_files_only=True))
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> "MoEAdapter":
+        """Wrap a local `save_pretrained` directory of a MixtralForCausalLM (no hub access),
+        strictly (`archbench.hf_checkpoint.load_strict`); `kwargs` go to transformers."""
+        model = cls._prepare(load_strict(MixtralForCausalLM, path, **kwargs))
         c = model.config
         return cls(model, {"vocab_size": c.vocab_size, "seq_len": c.max_position_embeddings,
                            "d_model": c.hidden_size, "n_layers": c.num_hidden_layers,

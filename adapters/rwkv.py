@@ -40,6 +40,7 @@ from transformers import RwkvConfig, RwkvForCausalLM
 from transformers.models.rwkv.modeling_rwkv import RwkvSelfAttention
 
 from archbench.adapter import Adapter, Hook, Site, hook
+from archbench.hf_checkpoint import load_strict
 from archbench.hooks import StateHookPoint
 
 D = ("batch", "pos", "d_model")
@@ -140,9 +141,10 @@ class RWKVAdapter(Adapter):
         return model.eval()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "RWKVAdapter":
-        """Wrap a local `save_pretrained` directory of an RwkvForCausalLM (no hub access)."""
-        model = RwkvForCausalLM.from_pretrained(str(path), local_files_only=True, rescale_every=0)
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> "RWKVAdapter":
+        """Wrap a local `save_pretrained` directory of an RwkvForCausalLM (no hub access),
+        strictly (`archbench.hf_checkpoint.load_strict`); `kwargs` go to transformers."""
+        model = load_strict(RwkvForCausalLM, path, rescale_every=0, **kwargs)
         model = cls._prepare(model)
         c = model.config
         return cls(model, {"vocab_size": c.vocab_size, "seq_len": c.context_length, "d_model": c.hidden_size,

@@ -37,6 +37,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 from archbench import hf_attention, hf_norm
 from archbench.adapter import Adapter, Hook, Site, hook
 from archbench.aliases import HEADS_FIRST, Alias, TLAliases, alias_table, tl_rows
+from archbench.hf_checkpoint import load_strict
 
 D = ("batch", "pos", "d_model")
 HEADS = ("batch", "pos", "head", "d_head")
@@ -92,9 +93,11 @@ class TransformerAdapter(TLAliases, Adapter):
         return model.eval()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "TransformerAdapter":
-        """Wrap a local `save_pretrained` directory of a LlamaForCausalLM (no hub access)."""
-        model = cls._prepare(LlamaForCausalLM.from_pretrained(str(path), local_files_only=True))
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> "TransformerAdapter":
+        """Wrap a local `save_pretrained` directory of a LlamaForCausalLM (no hub access; `kwargs`
+        such as `dtype`, `device_map` go to transformers). Another model type, or missing or
+        unexpected weights, raise ValueError (`archbench.hf_checkpoint.load_strict`)."""
+        model = cls._prepare(load_strict(LlamaForCausalLM, path, **kwargs))
         c = model.config
         return cls(model, {"vocab_size": c.vocab_size, "seq_len": c.max_position_embeddings,
                            "d_model": c.hidden_size, "n_layers": c.num_hidden_layers,

@@ -15,20 +15,24 @@ A module without these attributes (the looped adapter's GPT-2 attention uses onl
 function) runs the plain computation. Registered under the name "archbench_eager", with
 transformers' eager mask (an additive float mask).
 
-`install` also turns each attention module's `o_proj` (Llama, Mixtral) into a `HeadedLinear`: the
-same `nn.Linear` (same parameters, same state-dict keys, the same fused product) that, only
-while its `hook_result` HookPoint is hooked, splits its output into per-head terms
-(TransformerLens's `hook_result`). An edit of a head's term is added to the fused output as a
-difference, so reading the heads never changes the logits by a rounding error.
+`install` also turns each attention module's output projection (`o_proj` in Llama and Mixtral,
+`dense` in GPT-NeoX: an `nn.Linear`; `c_proj` in GPT-2: a transformers `Conv1D`, whose
+weight is stored transposed) into a `HeadedLinear` / `HeadedConv1D`: the same module (same
+parameters, same state-dict keys, the same fused product) that, only while its
+`hook_result` HookPoint is hooked, splits its output into per-head terms (TransformerLens's
+`hook_result`). An edit of a head's term is added to the fused output as a difference, so
+reading the heads never changes the logits by a rounding error. GPT-2's and GPT-NeoX's eager
+attention functions are this same computation (GPT-2's with `reorder_and_upcast_attn`
+off, its default; archbench's function ignores that flag, which changes only rounding).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+from transformers.pytorch_utils import Conv1D
 
 from archbench.hooks import HookPoint
 
@@ -67,10 +71,10 @@ def hooked_eager_attention(module: nn.Module, query, key, value, attention_mask,
     return out, pattern
 
 
-class HeadedLinear(nn.Linear):
-    """An attention output projection whose per-head terms are a hook point.
+class _Headed:
+    """Mixin for an output projection whose per-head terms are a hook point.
 
-    Its forward is `nn.Linear`'s. While `hook_result` is hooked it also computes
+    Its forward is the projection's own. While `hook_result` is hooked it also computes
     result[b, t, h] = W_O[:, h-th d_head block] @ z[b, t, h] (batch, pos, head, d_model; the
     bias is not split, as in TransformerLens), passes it through `hook_result`, and adds any
     edit to the fused output as (edited - result) summed over heads: unedited, the output is
@@ -81,37 +85,59 @@ class HeadedLinear(nn.Linear):
     d_head: int
     hook_result: HookPoint
 
+    def head_weights(self) -> torch.Tensor:
+        raise NotImplementedError  # (d_model, nh, hs)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = F.linear(z, self.weight, self.bias)  # (B, T, d_model): nn.Linear's own forward
+        out = super().forward(z)  # (B, T, d_model): the projection's own forward
         if not self.hook_result.hooked:
             return out
         heads = z.reshape(*z.shape[:-1], self.n_heads, self.d_head)  # (B, T, nh, hs)
-        w = self.weight.view(self.out_features, self.n_heads, self.d_head)  # (d_model, nh, hs)
-        result = torch.einsum("btnh,dnh->btnd", heads, w)  # (B, T, nh, d_model)
+        result = torch.einsum("btnh,dnh->btnd", heads, self.head_weights())  # (B, T, nh, d_model)
         edited = self.hook_result(result)
         if edited is result:  # read, not edited: HookPoint is the identity
             return out
         return out + (edited - result).sum(-2)
 
 
-def install(model: nn.Module, attention_class: type) -> list[HookPoint]:
-    """Give every `attention_class` module its HookPoints and a `HeadedLinear` output projection;
-    return the pattern HookPoints in order. Adds no parameters and changes no state-dict key."""
+class HeadedLinear(_Headed, nn.Linear):
+    """An `nn.Linear` output projection (weight (d_model, nh * hs)) with per-head terms."""
+
+    def head_weights(self) -> torch.Tensor:
+        return self.weight.view(self.out_features, self.n_heads, self.d_head)  # (d_model, nh, hs)
+
+
+class HeadedConv1D(_Headed, Conv1D):
+    """GPT-2's `Conv1D` output projection (weight (nh * hs, d_model), transposed) with per-head terms."""
+
+    def head_weights(self) -> torch.Tensor:
+        return self.weight.view(self.n_heads, self.d_head, self.nf).permute(2, 0, 1)  # (d_model, nh, hs)
+
+
+def install(model: nn.Module, attention_class: type, out_proj: str = "o_proj") -> list[HookPoint]:
+    """Give every `attention_class` module its HookPoints and a headed output projection (the
+    attribute `out_proj`); return the pattern HookPoints in order. Adds no parameters and
+    changes no state-dict key."""
     points = []
     for module in model.modules():
         if isinstance(module, attention_class):
             for name in HOOKS:
                 if not hasattr(module, name):
                     setattr(module, name, HookPoint())
-            proj = getattr(module, "o_proj", None)  # BERT's projection lives outside its self-attention
-            if isinstance(proj, nn.Linear) and not isinstance(proj, HeadedLinear):
+            proj = getattr(module, out_proj, None)  # BERT's projection lives outside its self-attention
+            headed = {nn.Linear: HeadedLinear, Conv1D: HeadedConv1D}.get(type(proj))
+            if headed is not None:
                 # a class swap, not a new module: the same parameters, and no draw from the RNG
-                proj.__class__ = HeadedLinear
-                proj.d_head = module.head_dim
-                proj.n_heads = proj.in_features // module.head_dim
+                proj.__class__ = headed
+                proj.d_head = getattr(module, "head_dim", None) or module.head_size  # GPT-NeoX: head_size
+                proj.n_heads = proj.weight.numel() // (proj.d_head * _d_model(proj))
                 proj.hook_result = HookPoint()
             points.append(module.hook_pattern)
     return points
+
+
+def _d_model(proj: nn.Module) -> int:
+    return proj.out_features if isinstance(proj, nn.Linear) else proj.nf
 
 
 AttentionInterface.register(NAME, hooked_eager_attention)

@@ -20,6 +20,8 @@ BUILTINS: dict[str, dict[str, str]] = {
     "adapters": {
         "transformer": "archbench.adapters.transformer:TransformerAdapter",
         "moe": "archbench.adapters.moe:MoEAdapter",
+        "gpt2": "archbench.adapters.gpt2:GPT2Adapter",
+        "gpt_neox": "archbench.adapters.gpt_neox:GPTNeoXAdapter",
         "looped": "archbench.adapters.looped:LoopedAdapter",
         "mamba": "archbench.adapters.mamba:MambaAdapter",
         "mamba2": "archbench.adapters.mamba2:Mamba2Adapter",
