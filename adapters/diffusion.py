@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 from transformers import BertConfig, BertForMaskedLM
 from transformers.models.bert.modeling_bert import BertSelfAttention

@@ -186,6 +186,8 @@ class MambaAdapter(Adapter):
 
     @classmethod
     def build_model(cls, config: dict[str, Any]) -> MambaForCausalLM:
+        if "hf_config" in config:  # a checkpoint's own config (its random-init control)
+            return cls._prepare(MambaForCausalLM(MambaConfig.from_dict(config["hf_config"])))
         hf = MambaConfig(vocab_size=config["vocab_size"], hidden_size=config["d_model"],
                          num_hidden_layers=config["n_layers"], state_size=config["d_state"],
                          expand=config["expand"], conv_kernel=config["d_conv"], use_mambapy=False,
@@ -206,10 +208,14 @@ class MambaAdapter(Adapter):
         """Wrap a local `save_pretrained` directory of a MambaForCausalLM (no hub access),
         strictly (`archbench.hf_checkpoint.load_strict`); `kwargs` go to transformers."""
         model = cls._prepare(load_strict(MambaForCausalLM, path, **kwargs))
-        c = model.config
-        return cls(model, {"vocab_size": c.vocab_size, "seq_len": None, "d_model": c.hidden_size,
-                           "n_layers": c.num_hidden_layers, "d_state": c.state_size, "expand": c.expand,
-                           "d_conv": c.conv_kernel, "source": str(path)})
+        return cls(model, {**cls.config_of(model.config), "source": str(path)})
+
+    @staticmethod
+    def config_of(c) -> dict[str, Any]:
+        """The adapter config of a checkpoint's transformers config (`hf_config` rebuilds it exactly)."""
+        return {"vocab_size": c.vocab_size, "seq_len": None, "d_model": c.hidden_size,
+                "n_layers": c.num_hidden_layers, "d_state": c.state_size, "expand": c.expand,
+                "d_conv": c.conv_kernel, "hf_config": c.to_dict()}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=tokens, use_cache=False).logits  # (B, T, vocab)

@@ -94,6 +94,8 @@ class Mamba2Adapter(MambaAdapter):
 
     @classmethod
     def build_model(cls, config: dict[str, Any]) -> Mamba2ForCausalLM:
+        if "hf_config" in config:  # a checkpoint's own config (its random-init control)
+            return cls._prepare(Mamba2ForCausalLM(Mamba2Config.from_dict(config["hf_config"])))
         d_inner = config["expand"] * config["d_model"]
         if d_inner % config["head_dim"]:
             raise ValueError(f"mamba2: expand * d_model = {d_inner} is not a multiple of "
@@ -112,8 +114,12 @@ class Mamba2Adapter(MambaAdapter):
         """Wrap a local `save_pretrained` directory of a Mamba2ForCausalLM (no hub access),
         strictly (`archbench.hf_checkpoint.load_strict`); `kwargs` go to transformers."""
         model = cls._prepare(load_strict(Mamba2ForCausalLM, path, **kwargs))
-        c = model.config
-        return cls(model, {"vocab_size": c.vocab_size, "seq_len": None, "d_model": c.hidden_size,
-                           "n_layers": c.num_hidden_layers, "d_state": c.state_size, "expand": c.expand,
-                           "d_conv": c.conv_kernel, "head_dim": c.head_dim, "n_groups": c.n_groups,
-                           "chunk_size": c.chunk_size, "source": str(path)})
+        return cls(model, {**cls.config_of(model.config), "source": str(path)})
+
+    @staticmethod
+    def config_of(c) -> dict[str, Any]:
+        """The adapter config of a checkpoint's transformers config (`hf_config` rebuilds it exactly)."""
+        return {"vocab_size": c.vocab_size, "seq_len": None, "d_model": c.hidden_size,
+                "n_layers": c.num_hidden_layers, "d_state": c.state_size, "expand": c.expand,
+                "d_conv": c.conv_kernel, "head_dim": c.head_dim, "n_groups": c.n_groups,
+                "chunk_size": c.chunk_size, "hf_config": c.to_dict()}

@@ -99,6 +99,8 @@ class MoEAdapter(TransformerAdapter):
 
     @classmethod
     def build_model(cls, config: dict[str, Any]) -> MixtralForCausalLM:
+        if "hf_config" in config:  # a checkpoint's own config (its random-init control)
+            return cls._prepare(MixtralForCausalLM(MixtralConfig.from_dict(config["hf_config"])))
         hf = MixtralConfig(vocab_size=config["vocab_size"], max_position_embeddings=config["seq_len"],
                            hidden_size=config["d_model"], intermediate_size=config["d_expert"],
                            num_hidden_layers=config["n_layers"], num_attention_heads=config["n_heads"],
@@ -127,12 +129,14 @@ class MoEAdapter(TransformerAdapter):
         """Wrap a local `save_pretrained` directory of a MixtralForCausalLM (no hub access),
         strictly (`archbench.hf_checkpoint.load_strict`); `kwargs` go to transformers."""
         model = cls._prepare(load_strict(MixtralForCausalLM, path, **kwargs))
-        c = model.config
-        return cls(model, {"vocab_size": c.vocab_size, "seq_len": c.max_position_embeddings,
-                           "d_model": c.hidden_size, "n_layers": c.num_hidden_layers,
-                           "n_heads": c.num_attention_heads, "n_experts": c.num_local_experts,
-                           "top_k": c.num_experts_per_tok, "d_expert": c.intermediate_size,
-                           "source": str(path)})
+        return cls(model, {**cls.config_of(model.config), "source": str(path)})
+
+    @staticmethod
+    def config_of(c) -> dict[str, Any]:
+        """The adapter config of a checkpoint's transformers config (`hf_config` rebuilds it exactly)."""
+        return {"vocab_size": c.vocab_size, "seq_len": c.max_position_embeddings, "d_model": c.hidden_size,
+                "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads, "n_experts": c.num_local_experts,
+                "top_k": c.num_experts_per_tok, "d_expert": c.intermediate_size, "hf_config": c.to_dict()}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         self._bt = tuple(tokens.shape[:2])

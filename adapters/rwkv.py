@@ -122,6 +122,8 @@ class RWKVAdapter(Adapter):
 
     @classmethod
     def build_model(cls, config: dict[str, Any]) -> RwkvForCausalLM:
+        if "hf_config" in config:  # a checkpoint's own config (its random-init control)
+            return cls._prepare(RwkvForCausalLM(RwkvConfig.from_dict(config["hf_config"])))
         hf = RwkvConfig(vocab_size=config["vocab_size"], context_length=config["seq_len"],
                         hidden_size=config["d_model"], num_hidden_layers=config["n_layers"],
                         attention_hidden_size=config["d_model"], intermediate_size=4 * config["d_model"],
@@ -146,9 +148,13 @@ class RWKVAdapter(Adapter):
         strictly (`archbench.hf_checkpoint.load_strict`); `kwargs` go to transformers."""
         model = load_strict(RwkvForCausalLM, path, rescale_every=0, **kwargs)
         model = cls._prepare(model)
-        c = model.config
-        return cls(model, {"vocab_size": c.vocab_size, "seq_len": c.context_length, "d_model": c.hidden_size,
-                           "n_layers": c.num_hidden_layers, "source": str(path)})
+        return cls(model, {**cls.config_of(model.config), "source": str(path)})
+
+    @staticmethod
+    def config_of(c) -> dict[str, Any]:
+        """The adapter config of a checkpoint's transformers config (`hf_config` rebuilds it exactly)."""
+        return {"vocab_size": c.vocab_size, "seq_len": c.context_length, "d_model": c.hidden_size,
+                "n_layers": c.num_hidden_layers, "hf_config": c.to_dict()}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=tokens, use_cache=False).logits  # (B, T, vocab)

@@ -79,6 +79,8 @@ class TransformerAdapter(TLAliases, Adapter):
 
     @classmethod
     def build_model(cls, config: dict[str, Any]) -> LlamaForCausalLM:
+        if "hf_config" in config:  # a checkpoint's own config (its random-init control)
+            return cls._prepare(LlamaForCausalLM(LlamaConfig.from_dict(config["hf_config"])))
         hf = LlamaConfig(vocab_size=config["vocab_size"], max_position_embeddings=config["seq_len"],
                          hidden_size=config["d_model"], intermediate_size=config["d_mlp"],
                          num_hidden_layers=config["n_layers"], num_attention_heads=config["n_heads"],
@@ -98,11 +100,14 @@ class TransformerAdapter(TLAliases, Adapter):
         such as `dtype`, `device_map` go to transformers). Another model type, or missing or
         unexpected weights, raise ValueError (`archbench.hf_checkpoint.load_strict`)."""
         model = cls._prepare(load_strict(LlamaForCausalLM, path, **kwargs))
-        c = model.config
-        return cls(model, {"vocab_size": c.vocab_size, "seq_len": c.max_position_embeddings,
-                           "d_model": c.hidden_size, "n_layers": c.num_hidden_layers,
-                           "n_heads": c.num_attention_heads, "d_mlp": c.intermediate_size,
-                           "source": str(path)})
+        return cls(model, {**cls.config_of(model.config), "source": str(path)})
+
+    @staticmethod
+    def config_of(c) -> dict[str, Any]:
+        """The adapter config of a checkpoint's transformers config (`hf_config` rebuilds it exactly)."""
+        return {"vocab_size": c.vocab_size, "seq_len": c.max_position_embeddings, "d_model": c.hidden_size,
+                "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads, "d_mlp": c.intermediate_size,
+                "hf_config": c.to_dict()}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=tokens, use_cache=False).logits  # (B, T, vocab)

@@ -93,7 +93,8 @@ def entries_for(techniques=None, adapters=None) -> tuple[list[Entry], list[str]]
     """(entries, names without one): core entries plus those of the given names (None: all)."""
     wanted = {"core"}
     wanted |= {f"technique:{t}" for t in techniques} if techniques is not None else set()
-    wanted |= {f"adapter:{a}" for a in adapters} if adapters is not None else set()
+    # a researcher's checkpoint (`hf:NAME`) is cited by its own authors, not by archbench's file
+    wanted |= {f"adapter:{a}" for a in adapters if not a.startswith("hf:")} if adapters is not None else set()
     every = techniques is None and adapters is None
     picked = [e for e in references() if every or e.tags & wanted]
     covered = set().union(*(e.tags for e in references()))
@@ -111,6 +112,8 @@ def render(techniques=None, adapters=None) -> str:
              f"architectures: {', '.join(sorted(adapters or [])) or 'none'}")
     lines = [f"% archbench {__version__}: references for archbench and {scope}"]
     lines += [f"% no reference recorded for {name} (add one to archbench/references.bib)" for name in missing]
+    lines += [f"% {name} is your own checkpoint: cite the paper of the model it is, beside its family's entry"
+              for name in sorted(adapters or []) if name.startswith("hf:")]
     return "\n\n".join(["\n".join(lines)] + [e.bibtex() for e in picked]) + "\n"
 
 

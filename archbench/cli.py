@@ -118,9 +118,18 @@ def _table(header: list[str], rows: list[list[str]], right: set[int] = frozenset
 
 def cmd_inspect(args) -> int:
     # registry.adapter imports the one module its lazy table names for `arch`, not every adapter
-    arch = _names("adapters", args.arch)[0]
-    task = registry.task(_names("tasks", args.task)[0])
-    adapter = registry.adapter(arch).for_task(task, seed=0)
+    from archbench import checkpoints
+
+    checkpoint = _checkpoint(args)
+    if checkpoint is None and args.arch is None:
+        raise UsageError("name an architecture (`archbench inspect transformer`) or a checkpoint (--model hf)")
+    arch = checkpoint or _names("adapters", args.arch)[0]
+    task_name = _tasks(args.task, checkpoint)[0] if args.task else "ioi" if checkpoint else "recall"
+    try:
+        task = checkpoints.task(arch, task_name)
+        adapter = checkpoints.loaded(arch) if checkpoint else registry.adapter(arch).for_task(task, seed=0)
+    except checkpoints.CheckpointError as exc:
+        raise UsageError(str(exc)) from None
     out = adapter.run(task.sample(2, 0).tokens, cache="all")
     print(f"{arch} on {task.name} (vocab {task.vocab_size}, length {task.seq_len}); "
           f"capabilities: {', '.join(sorted(adapter.capabilities))}")
@@ -241,6 +250,55 @@ def _matrix_archs(value: str | None) -> list[str]:
     return [a for a in archs if a not in wrappers]
 
 
+def _checkpoint(args) -> str | None:
+    """`--model hf --model-args ...` registered as the matrix row `hf:NAME` (None without --model)."""
+    from archbench import checkpoints
+
+    if args.model is None:
+        if args.model_args is not None:
+            raise UsageError("--model-args needs --model hf")
+        return None
+    if args.model_args is None:
+        raise UsageError("--model hf needs --model-args pretrained=DIR[,gguf_file=F][,dtype=D][,device=D]")
+    try:
+        return checkpoints.register(checkpoints.parse_model_args(args.model_args))
+    except (checkpoints.CheckpointError, ImportError) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+
+
+def _tasks(value: str | None, checkpoint: str | None) -> list[str]:
+    """Task names; with a checkpoint the natural-text tasks are known too (and the default)."""
+    from archbench.tasks import NATURAL_TASKS
+
+    if checkpoint is None:
+        return _names("tasks", value)
+    if value is None:
+        return list(NATURAL_TASKS)
+    names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    if not names:
+        raise UsageError("--task needs at least one name (leave the flag out for the natural-text tasks)")
+    for n in names:
+        if n not in NATURAL_TASKS:
+            try:
+                registry.resolve("tasks", n)
+            except registry.UnknownName as exc:
+                raise UsageError(f"{exc}; natural-text tasks: {', '.join(NATURAL_TASKS)}") from None
+    return names
+
+
+def _check_checkpoint_tasks(checkpoint: str, tasks: list[str]) -> None:
+    """Every task builds under the checkpoint's tokenizer and fits its vocabulary (before any work)."""
+    from archbench import checkpoints
+
+    cls = registry.adapter(checkpoint)
+    for name in tasks:
+        try:
+            cls.check_task(checkpoints.task(checkpoint, name))
+            checkpoints.loaded(checkpoint)  # every weight loads, before any work
+        except ValueError as exc:  # CheckpointError, or a task with too few single-token items
+            raise UsageError(str(exc).splitlines()[0]) from None
+
+
 def _refusal(exc: Exception) -> str:
     return f"{exc}; --no-retrain keeps it as it is: rerun without --no-retrain to rebuild it"
 
@@ -276,10 +334,16 @@ def cmd_run(args) -> int:
         raise UsageError("say what to run: `archbench run --matrix` (filters: --arch, --technique, --task)")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` and `timeout` stop a run like Ctrl-C
     notes: list[str] = []  # printed once every flag has been checked
-    archs = _matrix_archs(args.arch)
-    archs = _with_reference(archs, notes) if args.arch is not None else archs
+    checkpoint = _checkpoint(args)
+    if checkpoint is not None:  # the checkpoint's row, and any --arch rows asked for beside it
+        archs = [checkpoint, *(_matrix_archs(args.arch) if args.arch is not None else [])]
+    else:
+        archs = _matrix_archs(args.arch)
+        archs = _with_reference(archs, notes) if args.arch is not None else archs
     techniques = _names("techniques", args.technique)
-    tasks = _names("tasks", args.task)
+    tasks = _tasks(args.task, checkpoint)
+    if checkpoint is not None:
+        _check_checkpoint_tasks(checkpoint, tasks)
     if args.quick and args.profile not in (None, "quick"):
         raise UsageError(f"--quick is --profile quick; it contradicts --profile {args.profile}")
     profile = "quick" if args.quick else args.profile or "default"
@@ -405,8 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_list)
 
     s = sub.add_parser("inspect", help="the hook points of an architecture (names, roles, axes, shapes)")
-    s.add_argument("arch")
-    s.add_argument("--task", default="recall", help="task that sizes the model (default: recall)")
+    s.add_argument("arch", nargs="?", help="an adapter (or leave it out and give --model)")
+    s.add_argument("--task", help="task that sizes the model (default: recall; ioi for a checkpoint)")
+    _model_flags(s)
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("run", help="run the matrix (skips cells already in the store)",
@@ -414,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--matrix", action="store_true", help="every technique x architecture x task x seed")
     s.add_argument("--arch", help="comma-separated adapters (default: all)")
     s.add_argument("--technique", help="comma-separated techniques (default: all)")
-    s.add_argument("--task", help="comma-separated tasks (default: all)")
+    s.add_argument("--task", help="comma-separated tasks (default: all; with --model the natural-text tasks)")
+    _model_flags(s)
     s.add_argument("--profile", choices=["quick", "default", "full"],
                    help="how many seeds: quick 3 (a smoke-test matrix), default 5, full 10")
     s.add_argument("--seeds", type=_seed_count, help=f"number of seeds, at most {MAX_SEEDS} (overrides --profile)")
@@ -485,6 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _error(line: str) -> int:
     print(f"archbench: error: {line}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _model_flags(s) -> None:
+    s.add_argument("--model", choices=["hf"], help="run a checkpoint of your own (lm-evaluation-harness's "
+                   "convention): a local transformers directory or GGUF file, given by --model-args")
+    s.add_argument("--model-args", metavar="ARGS", help="pretrained=DIR[,gguf_file=F][,dtype=float32|bfloat16|"
+                   "float16][,device=cpu|cuda][,name=N][,trust_remote_code=true]")
 
 
 def main(argv: list[str] | None = None) -> int:

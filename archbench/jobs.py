@@ -16,7 +16,7 @@ import traceback
 import warnings
 from typing import Any, Callable
 
-from archbench import integrity, registry, zoo
+from archbench import checkpoints, integrity, registry, zoo
 from archbench.store import RunSpec
 
 
@@ -52,7 +52,7 @@ def train_organism(arch: str, task_name: str, seed: int, gate: float, no_retrain
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         try:
-            task = registry.task(task_name)
+            task = checkpoints.task(arch, task_name)
             _, meta = zoo.organism(arch, task, seed, no_retrain=no_retrain)
             out = {"ok": True, "meta": meta, "gate": zoo.gate_reason(meta, gate)}
         except zoo.CorruptOrganism as exc:  # raised only with no_retrain
@@ -91,7 +91,7 @@ def run_cell(spec: RunSpec, gate: float, no_retrain: bool = False) -> dict[str, 
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         try:
-            task = registry.task(spec.task).for_seed(spec.seed)
+            task = checkpoints.task(spec.arch, spec.task).for_seed(spec.seed)
             # a control cell needs the organism's metadata (its gate) but not its weights
             meta = zoo.cached_meta(spec.arch, task, spec.seed, no_retrain) if spec.control else None
             trained = None

@@ -87,6 +87,9 @@ def _load_plugins() -> None:
                 register(kind, ep.name, ep.value)
             except Exception as exc:  # a broken plugin must not break archbench
                 warnings.warn(f"archbench: skipping plugin {ep.name!r} ({ep.value}): {exc}")
+    from archbench import checkpoints  # researchers' checkpoints described by the driver process
+
+    checkpoints.register_from_environment()
 
 
 def _table(kind: str) -> dict[str, Any]:

