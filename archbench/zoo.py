@@ -205,9 +205,11 @@ def _pretrained(cls, task, seed: int):
     """(adapter, TrainReport) of a checkpoint on a task: its own weights, with its held-out
     accuracy on the task as the gate (a checkpoint that fails a task is reported, not scored).
 
-    The accuracy is the full-vocabulary argmax on the first REGATE_EXAMPLES test examples
-    (a task with many right answers, greater_than, judges them with its `accepts`)."""
+    The accuracy is that of the argmax over the task's answer tokens (the decision every
+    technique scores) on REGATE_EXAMPLES test examples; a task with many right answers
+    (greater_than) judges the choice with its `accepts`."""
     from archbench.adapter import TrainReport
+    from archbench.technique_helpers import answer_prediction
 
     start = time.perf_counter()
     cls.check_task(task)
@@ -215,7 +217,9 @@ def _pretrained(cls, task, seed: int):
 
     def accuracy(split: str) -> float:
         ex = task.sample(integrity.REGATE_EXAMPLES, seed, split)
-        pred = adapter.predict(ex.tokens, batch=CHECKPOINT_BATCH)  # (n,)
+        with torch.no_grad():
+            pred = torch.cat([answer_prediction(adapter.forward(ex.tokens[i:i + CHECKPOINT_BATCH])[:, -1], task)
+                              for i in range(0, len(ex), CHECKPOINT_BATCH)])  # (n,)
         right = task.accepts(pred, ex.tokens) if hasattr(task, "accepts") else pred == ex.answer
         return float(right.float().mean())
 
