@@ -35,7 +35,6 @@ Hook points: `embed`, per block `blocks.{i}.ssm.state` (state), `blocks.{i}.ssm.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -44,7 +43,7 @@ from transformers import MambaConfig, MambaForCausalLM
 from transformers.models.mamba import modeling_mamba as hf_mamba
 
 from archbench.adapter import Adapter, Hook, Site, hook
-from archbench.hf_checkpoint import load_strict
+from archbench.hf_checkpoint import FromPretrained
 from archbench.hooks import StateHookPoint
 
 D = ("batch", "pos", "d_model")
@@ -170,7 +169,8 @@ class HookedMambaMixer(HookedScan, hf_mamba.MambaMixer):
         return self.out_proj(y.transpose(1, 2).to(dtype))  # (B, T, d_model)
 
 
-class MambaAdapter(Adapter):
+class MambaAdapter(FromPretrained, Adapter):
+    hf_model_class = MambaForCausalLM
     family = "mamba"
     capabilities = frozenset({"gradients", "trainable", "recurrent_state", "readout"})
     default_config = {"d_model": 64, "n_layers": 2, "d_state": 16, "expand": 2, "d_conv": 4}
@@ -202,13 +202,6 @@ class MambaAdapter(Adapter):
                 block.mixer.__class__ = cls.mixer_class  # same parameters, one HookPoint more
                 block.mixer.hook_state = StateHookPoint()
         return model.eval()
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> "MambaAdapter":
-        """Wrap a local `save_pretrained` directory of a MambaForCausalLM (no hub access),
-        strictly (`archbench.hf_checkpoint.load_strict`); `kwargs` go to transformers."""
-        model = cls._prepare(load_strict(MambaForCausalLM, path, **kwargs))
-        return cls(model, {**cls.config_of(model.config), "source": str(path)})
 
     @staticmethod
     def config_of(c) -> dict[str, Any]:

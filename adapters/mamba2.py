@@ -33,7 +33,6 @@ Hook points: `embed`, per block `blocks.{i}.ssm.state` (state), `blocks.{i}.ssm.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +41,6 @@ from transformers import Mamba2Config, Mamba2ForCausalLM
 from transformers.models.mamba2 import modeling_mamba2 as hf_mamba2
 
 from archbench.adapters.mamba import HookedScan, MambaAdapter
-from archbench.hf_checkpoint import load_strict
 
 STATE = ("batch", "pos", "heads", "head_dim", "d_state")
 
@@ -82,6 +80,7 @@ class HookedMamba2Mixer(HookedScan, hf_mamba2.Mamba2Mixer):
 
 
 class Mamba2Adapter(MambaAdapter):
+    hf_model_class = Mamba2ForCausalLM
     # Mamba-2 behind the Mamba adapter's hook points: transformers uses the same module paths
     # (backbone.embeddings, backbone.layers[i].mixer, backbone.norm_f, lm_head).
     family = "mamba2"
@@ -108,13 +107,6 @@ class Mamba2Adapter(MambaAdapter):
                           use_cache=False, tie_word_embeddings=False,
                           pad_token_id=None, bos_token_id=None, eos_token_id=None)
         return cls._prepare(Mamba2ForCausalLM(hf))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> "Mamba2Adapter":
-        """Wrap a local `save_pretrained` directory of a Mamba2ForCausalLM (no hub access),
-        strictly (`archbench.hf_checkpoint.load_strict`); `kwargs` go to transformers."""
-        model = cls._prepare(load_strict(Mamba2ForCausalLM, path, **kwargs))
-        return cls(model, {**cls.config_of(model.config), "source": str(path)})
 
     @staticmethod
     def config_of(c) -> dict[str, Any]:

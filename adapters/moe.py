@@ -27,7 +27,6 @@ per block, the granularity of every other family, and never count an expert twic
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +39,6 @@ from transformers.models.mixtral.modeling_mixtral import MixtralAttention, Mixtr
 from archbench import hf_attention
 from archbench.adapter import Hook, Site, hook
 from archbench.adapters.transformer import D, TransformerAdapter
-from archbench.hf_checkpoint import load_strict
 from archbench.hooks import HookPoint
 
 EXPERTS_NAME = "archbench_experts"
@@ -85,6 +83,7 @@ class HookedRouter(MixtralTopKRouter):
 
 
 class MoEAdapter(TransformerAdapter):
+    hf_model_class = MixtralForCausalLM
     # The reference transformer's blocks, hooks and training knobs; only the feed-forward
     # part (`_mlp_hooks`) is the routed mixture of experts.
 
@@ -123,13 +122,6 @@ class MoEAdapter(TransformerAdapter):
                 moe.gate = router
             moe.experts.hook_expert = nn.ModuleList(HookPoint() for _ in range(moe.experts.num_experts))
         return model.eval()
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> "MoEAdapter":
-        """Wrap a local `save_pretrained` directory of a MixtralForCausalLM (no hub access),
-        strictly (`archbench.hf_checkpoint.load_strict`); `kwargs` go to transformers."""
-        model = cls._prepare(load_strict(MixtralForCausalLM, path, **kwargs))
-        return cls(model, {**cls.config_of(model.config), "source": str(path)})
 
     @staticmethod
     def config_of(c) -> dict[str, Any]:

@@ -32,7 +32,6 @@ Hook points: `embed`, per block `blocks.{i}.wkv.state` (state), `blocks.{i}.wkv.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +39,7 @@ from transformers import RwkvConfig, RwkvForCausalLM
 from transformers.models.rwkv.modeling_rwkv import RwkvSelfAttention
 
 from archbench.adapter import Adapter, Hook, Site, hook
-from archbench.hf_checkpoint import load_strict
+from archbench.hf_checkpoint import FromPretrained
 from archbench.hooks import StateHookPoint
 
 D = ("batch", "pos", "d_model")
@@ -109,7 +108,9 @@ class HookedRwkvSelfAttention(RwkvSelfAttention):
         return torch.stack(outputs, 1), torch.stack(states, 1) if keep_states else None
 
 
-class RWKVAdapter(Adapter):
+class RWKVAdapter(FromPretrained, Adapter):
+    hf_model_class = RwkvForCausalLM
+    hf_load_kwargs = {"rescale_every": 0}  # archbench's hooked WKV runs without rescaling
     family = "rwkv"
     capabilities = frozenset({"gradients", "trainable", "recurrent_state", "readout"})
     default_config = {"d_model": 64, "n_layers": 2}
@@ -141,14 +142,6 @@ class RWKVAdapter(Adapter):
                 block.attention.__class__ = HookedRwkvSelfAttention  # same parameters, one HookPoint more
                 block.attention.hook_state = StateHookPoint()
         return model.eval()
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> "RWKVAdapter":
-        """Wrap a local `save_pretrained` directory of an RwkvForCausalLM (no hub access),
-        strictly (`archbench.hf_checkpoint.load_strict`); `kwargs` go to transformers."""
-        model = load_strict(RwkvForCausalLM, path, rescale_every=0, **kwargs)
-        model = cls._prepare(model)
-        return cls(model, {**cls.config_of(model.config), "source": str(path)})
 
     @staticmethod
     def config_of(c) -> dict[str, Any]:

@@ -27,7 +27,6 @@ for bit the same.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 from archbench import hf_attention, hf_norm
 from archbench.adapter import Adapter, Hook, Site, hook
 from archbench.aliases import HEADS_FIRST, Alias, TLAliases, alias_table, tl_rows
-from archbench.hf_checkpoint import load_strict
+from archbench.hf_checkpoint import FromPretrained
 
 D = ("batch", "pos", "d_model")
 HEADS = ("batch", "pos", "head", "d_head")
@@ -61,7 +60,8 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(*t.shape[:2], -1).contiguous()  # (B, T, nh, hs) -> (B, T, nh * hs)
 
 
-class TransformerAdapter(TLAliases, Adapter):
+class TransformerAdapter(FromPretrained, TLAliases, Adapter):
+    hf_model_class = LlamaForCausalLM
     family = "transformer"
     capabilities = frozenset({"gradients", "trainable", "attention", "readout"})
     default_config = {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_mlp": 128}
@@ -93,14 +93,6 @@ class TransformerAdapter(TLAliases, Adapter):
         model.config._attn_implementation = hf_attention.NAME
         hf_attention.install(model, LlamaAttention)
         return model.eval()
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> "TransformerAdapter":
-        """Wrap a local `save_pretrained` directory of a LlamaForCausalLM (no hub access; `kwargs`
-        such as `dtype`, `device_map` go to transformers). Another model type, or missing or
-        unexpected weights, raise ValueError (`archbench.hf_checkpoint.load_strict`)."""
-        model = cls._prepare(load_strict(LlamaForCausalLM, path, **kwargs))
-        return cls(model, {**cls.config_of(model.config), "source": str(path)})
 
     @staticmethod
     def config_of(c) -> dict[str, Any]:

@@ -313,7 +313,6 @@ def task(arch: str, task_name: str):
 
 def _known_facts(arch: str, facts):
     """facts_nl restricted to what the checkpoint answers right, computed once and kept."""
-    from archbench import registry
     from archbench.results_dir import write_atomic
 
     path = cache_dir(arch) / "facts_nl_known.json"

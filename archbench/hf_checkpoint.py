@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 # model_type -> archbench adapter name. Only classes an adapter loads as they are: qwen2
 # (attention biases) and mistral (sliding window) have classes of their own, not Llama's.
@@ -85,3 +85,21 @@ def family_for(path_or_config: str | Path | Mapping[str, Any] | Any, gguf_file: 
         raise ValueError(f"checkpoint {where}: model_type {model_type!r} has no archbench adapter; "
                          f"supported: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[model_type]
+
+
+class FromPretrained:
+    """Mixin: `from_pretrained` for an adapter that wraps one transformers class.
+
+    Loads a local `save_pretrained` directory strictly (`load_strict`: no hub access; another
+    model type, or missing, unexpected or misshapen weights raise one line; `kwargs` such as
+    `dtype`, `device_map`, `gguf_file` go to transformers), then applies the family's
+    `_prepare` and records `config_of(model.config)` with the source path.
+    """
+
+    hf_model_class: ClassVar[type]
+    hf_load_kwargs: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs: Any):
+        model = cls._prepare(load_strict(cls.hf_model_class, path, **{**cls.hf_load_kwargs, **kwargs}))
+        return cls(model, {**cls.config_of(model.config), "source": str(path)})
