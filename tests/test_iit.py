@@ -143,7 +143,7 @@ def trained():
     task = Count(length=6, m=3)
     adapter = TransformerAdapter.for_task(task, 0, **TINY)
     al = iit_sites.alignment(adapter, task)
-    report = iit.fit_iit(adapter, task, 0, al, steps=600, batch=64, lr=3e-3, grad_clip=1.0,
+    report = iit.fit_iit(adapter, task, 0, al, steps=800, batch=64, lr=1e-3, grad_clip=1.0,
                          eval_every=50, n_pairs=1024, n_val_pairs=128, target=0.98)
     return task, adapter, al, report
 
@@ -186,3 +186,14 @@ def test_a_known_answer_organism_is_cached_gated_and_reloaded(tmp_path, monkeypa
     state = adapter.model.state_dict()
     assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in state.items())
     assert not (tmp_path / "organisms" / zoo.organism_id("transformer", task, 0)).exists()
+
+
+def test_the_iit_command_prints_a_row_with_the_reason_for_a_reservoir(capsys, tmp_path):
+    from archbench.cli import main
+
+    out = tmp_path / "iit.md"
+    assert main(["iit", "--arch", "reservoir", "--task", "count", "--out", str(out)]) == 0
+    header, rule, row = capsys.readouterr().out.splitlines()
+    assert header.startswith("| family | task | seed | designated | behaviour | IIA")
+    assert row.startswith("| reservoir | count | 0 |") and "n/a: only the linear readout" in row
+    assert out.read_text().splitlines()[2] == row
