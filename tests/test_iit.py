@@ -148,6 +148,19 @@ def trained():
     return task, adapter, al, report
 
 
+def test_both_iit_terms_are_differentiable_and_reach_the_designated_block():
+    task = Count(length=6, m=3)
+    adapter = TransformerAdapter.for_task(task, 0, **TINY)
+    al = iit_sites.alignment(adapter, task)
+    pairs = iit.pair_batch(task.counterfactuals(32, 0, "train"), torch.arange(16))
+    loss_iit, loss_strict = iit.iit_losses(adapter, pairs, al, torch.Generator().manual_seed(0))
+    assert loss_iit.requires_grad and loss_strict.requires_grad
+    (loss_iit + loss_strict).backward()
+    q = adapter.model.model.layers[1].self_attn.q_proj.weight.grad
+    assert q is not None and float(q.abs().sum()) > 0
+
+
+@pytest.mark.slow  # about 25 s alone on one core, twice that on a shared one
 def test_a_tiny_strict_iit_transformer_holds_count_at_its_last_mixer(trained):
     task, adapter, al, report = trained
     assert al.designated == "blocks.1.attn.out"
