@@ -297,7 +297,8 @@ class Adapter(abc.ABC):
         return site.module.register_forward_hook(hook, prepend=True)
 
     # ---- training ----------------------------------------------------------------------
-    def fit(self, task, seed: int, **overrides: Any) -> TrainReport:
+    def fit(self, task, seed: int, extra_loss: Callable[[int], torch.Tensor] | None = None,
+            val_metric: Callable[[], float] | None = None, **overrides: Any) -> TrainReport:
         """Train on the task's train split (answer at the last position) with AdamW.
 
         The learning rate follows `lr_factor` (warm-up, then cosine decay). Early stopping
@@ -307,6 +308,11 @@ class Adapter(abc.ABC):
         best accuracy counted so far within `plateau_steps`, while that best is below
         `plateau_below`). The reported accuracy is on the test split; `stopped` says why
         training ended.
+
+        Two optional callables let another objective reuse this loop (interchange
+        intervention training, `archbench.iit`): `extra_loss(step)` is added to each batch's
+        loss before the backward pass, and `val_metric()` replaces the validation accuracy
+        that early stopping reads. Without them training is exactly the ordinary one.
         """
         cfg = {**Adapter.train_config, **self.train_config, **self.task_train_config.get(task.name, {}),
                **overrides}
@@ -323,6 +329,8 @@ class Adapter(abc.ABC):
         for step in range(1, cfg["steps"] + 1):
             idx = torch.randint(len(train), (cfg["batch"],), generator=gen)  # (batch,)
             loss = self.loss(train.tokens[idx], train.answer[idx], cfg, gen)
+            if extra_loss is not None:
+                loss = loss + extra_loss(step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg["grad_clip"]:
@@ -330,7 +338,7 @@ class Adapter(abc.ABC):
             opt.step()
             sched.step()
             if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-                acc = self.accuracy(val)
+                acc = self.accuracy(val) if val_metric is None else val_metric()
                 history.append({"step": step, "loss": loss.item(), "val_accuracy": acc,
                                 "lr": opt.param_groups[0]["lr"]})
                 self.model.train()

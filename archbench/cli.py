@@ -10,6 +10,7 @@ Examples:
   archbench report --results results                           (the published leaderboard)
   archbench cite --results results/ > references.bib
   archbench zoo build --arch transformer --task modadd --seeds 2
+  archbench iit --arch transformer --task count,recall,modadd   (known-answer organisms' table)
 
 Bad input (an unknown name, a bad flag value, a results directory that is read-only, on a
 full disk, damaged, of a newer schema or in use by another run) prints one line that says
@@ -458,6 +459,20 @@ def cmd_zoo(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_iit(args) -> int:
+    """Build (or load) known-answer organisms and print their table as markdown."""
+    from archbench import iit_sites, known_answer_table
+
+    archs = _matrix_archs(args.arch) if args.arch else sorted(iit_sites.DESIGNATED)
+    rows = [known_answer_table.row(a, k, s) for a in archs for k in _names("tasks", args.task)
+            for s in range(args.seeds or 1)]
+    text = known_answer_table.markdown(rows)
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="archbench", description=__doc__.split("\n\n")[0],
                 epilog="\n".join(__doc__.split("\n\n")[1].splitlines()[1:]),
@@ -545,6 +560,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-retrain", action="store_true",
                    help="build: stop (exit 2) instead of rebuilding a cached organism that fails its integrity checks")
     s.set_defaults(fn=cmd_zoo)
+
+    s = sub.add_parser("iit", help="known-answer organisms (strict IIT): build them and print their table "
+                                   "(behaviour, IIA, other components' effect, gate, patching rank)")
+    s.add_argument("--arch", help="comma-separated adapters (default: every family with a designated site)")
+    s.add_argument("--task", help="comma-separated tasks (default: all)")
+    s.add_argument("--seeds", type=_positive, help="number of seeds (default 1)")
+    s.add_argument("--out", help="also write the markdown table to this file")
+    s.set_defaults(fn=cmd_iit)
     return p
 
 

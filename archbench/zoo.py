@@ -244,6 +244,14 @@ def plant(arch: str, task_name: str, seed: int, accuracy: float = 1.0) -> dict[s
     return _write(path, adapter, meta)
 
 
+def known_answer_organism(arch: str, task, seed: int, no_retrain: bool = False):
+    """(adapter, metadata) of the known-answer organism trained by strict IIT to hold the
+    task's primary variable at one designated component (`archbench.known_answer`)."""
+    from archbench import known_answer  # it builds on this module
+
+    return known_answer.organism(arch, task, seed, no_retrain=no_retrain)
+
+
 def control(arch: str, task, seed: int):
     """The random-init control: the same architecture and seed, never trained."""
     return registry.adapter(arch).for_task(task.for_seed(seed), seed)

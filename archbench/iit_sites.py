@@ -1,0 +1,69 @@
+"""Where each family's known-answer organism must hold each task's primary variable.
+
+One table: family -> task (or "*" for every task) -> the designated component, a hook name
+template in which `{last}` is the deepest block (or loop iteration). The alignment's
+position is the answer position, and its candidates are every hook point of the table's
+candidate roles at that position (the designated one included), so strict IIT
+(`archbench.iit`) trains every other component there to have no effect.
+
+Why the last block's token mixer: it is the last place where information from other
+positions enters the answer position, so it is the one component at that position through
+which every task's variable *can* be routed while every other component there (earlier
+mixers and MLPs at the answer position, and the MLP after it) carries nothing the answer
+needs. The variable is computed at earlier positions by earlier blocks (count: the
+running count at the last input token; modadd: (a + b) mod p at b's position, which
+attends to a; recall: the value whose preceding key matches, by a previous-token head) and
+moved to the answer position by that mixer. An earlier mixer could not be designated
+together with strict training of the components after it on tasks such as modadd, whose
+variable needs an MLP after the attention that gathers a and b: patching that MLP from the
+source would then change the answer. Candidate roles are `mixer` and `mlp` (components that
+do not overlap: MoE experts sit inside their block's `mlp`, and a recurrent `state` feeds
+its own block's mixer). Families whose training cannot shape an inner representation, or
+that have no component hook points, are in `NOT_APPLICABLE` with the reason.
+"""
+
+from __future__ import annotations
+
+from archbench.iit import Alignment
+
+CANDIDATE_ROLES = ("mixer", "mlp")
+
+DESIGNATED: dict[str, dict[str, str]] = {
+    "transformer": {"*": "blocks.{last}.attn.out"},
+    "moe": {"*": "blocks.{last}.attn.out"},
+    "looped": {"*": "loops.{last}.attn.out"},
+    "mamba": {"*": "blocks.{last}.ssm.out"},
+    "mamba2": {"*": "blocks.{last}.ssm.out"},
+    "rwkv": {"*": "blocks.{last}.wkv.out"},
+}
+
+NOT_APPLICABLE: dict[str, str] = {
+    "reservoir": "only the linear readout is trained (ridge regression): no training can shape the reservoir",
+    "nvar": "only the linear readout is trained (ridge regression): the features are fixed by construction",
+    "spiking": "no component hook points (mixer or mlp) to designate",
+    "kan": "one component role only (edges) and no token mixer to route the variable through",
+    "diffusion": "trained by masked denoising with an answer slot; IIT on its denoising loss is not built",
+}
+
+
+def why_not(family: str) -> str | None:
+    """Why a family has no known-answer organisms (None if it has)."""
+    if family in DESIGNATED:
+        return None
+    return NOT_APPLICABLE.get(family, f"no designated site is chosen for {family}")
+
+
+def alignment(adapter, task) -> Alignment:
+    """The designated component, its candidates and position for this adapter on this task."""
+    reason = why_not(adapter.family)
+    if reason:
+        raise ValueError(f"{adapter.family}: {reason}")
+    table = DESIGNATED[adapter.family]
+    template = table.get(task.name, table["*"])
+    components = [s for s in adapter.specs.values() if s.role in CANDIDATE_ROLES]
+    last = max(s.layer for s in components)
+    designated = template.format(last=last)
+    found = Alignment(designated=designated, candidates=tuple(s.name for s in components),
+                      position=adapter.answer_position(task.seq_len))
+    found.check(adapter)
+    return found
