@@ -9,7 +9,8 @@ import sqlite3
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MambaConfig,
+                          MambaForCausalLM, RwkvConfig, RwkvForCausalLM)
 
 from archbench import checkpoints, cli, registry
 
@@ -132,3 +133,30 @@ def test_matrix_rows_of_a_checkpoint_and_its_control(tmp_path, monkeypatch):
     rows = sqlite3.connect(tmp_path / "R0" / "archbench.db").execute(
         "select control, status, score from cells").fetchall()
     assert sorted(r[:2] for r in rows) == [(0, "ok"), (1, "ok")]
+
+
+RECURRENT = {
+    "mamba": lambda v: MambaForCausalLM(MambaConfig(vocab_size=v, hidden_size=16, num_hidden_layers=2, state_size=4,
+                                                    use_mambapy=False)),
+    "rwkv": lambda v: RwkvForCausalLM(RwkvConfig(vocab_size=v, hidden_size=16, num_hidden_layers=2,
+                                                 attention_hidden_size=16, intermediate_size=32, context_length=64,
+                                                 rescale_every=0)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(RECURRENT))
+def test_a_recurrent_checkpoint_runs_through_the_same_path(family, tmp_path, monkeypatch):
+    """What a researcher does with their own Mamba or RWKV checkpoint: `save_pretrained` of the
+    transformers class with its tokenizer beside it, then `--model hf`."""
+    monkeypatch.setenv("ARCHBENCH_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    RECURRENT[family](49152).save_pretrained(tmp_path / "ckpt")
+    _tokenizer().save_pretrained(tmp_path / "ckpt")
+    argv = ["run", "--matrix", "--model", "hf", "--model-args", f"pretrained={tmp_path / 'ckpt'},name={family}",
+            "--task", "induction", "--technique", "logit_lens", "--seeds", "1", "--workers", "1", "--gate", "0",
+            "--no-progress", "--results", str(tmp_path / "R")]
+    assert cli.main(argv) == 0
+    rows = sqlite3.connect(tmp_path / "R" / "archbench.db").execute(
+        "select arch, control, status from cells").fetchall()
+    assert sorted(rows) == [(f"hf:{family}", 0, "ok"), (f"hf:{family}", 1, "ok")]
+    assert registry.adapter(f"hf:{family}").family == family
