@@ -61,7 +61,7 @@ def primary_value(latents: dict[str, torch.Tensor], task) -> torch.Tensor:
 
 def class_index(values: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Labels -> class indices in [0, C) of the sorted `classes` (C,); -1 for a label not among them."""
-    slot = torch.searchsorted(classes, values).clamp_max(len(classes) - 1)
+    slot = torch.searchsorted(classes, values.contiguous()).clamp_max(len(classes) - 1)  # (n,)
     return torch.where(classes[slot] == values, slot, -1)
 
 
