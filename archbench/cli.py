@@ -105,7 +105,22 @@ def cmd_list(args) -> int:
             mod = sys.modules.get(obj.__module__)
             doc = doc or ((mod.__doc__ or "").strip().splitlines()[0] if mod and mod.__doc__ else "")
             print(f"  {name:<14} {doc}")
+        if kind == "tasks":
+            _list_natural_tasks()
     return 0
+
+
+def _list_natural_tasks() -> None:
+    """The natural-text tasks: they need a checkpoint's tokenizer, so they run with --model."""
+    import importlib
+
+    from archbench.tasks import NATURAL_TASKS
+
+    print("tasks on a checkpoint's own tokenizer (with --model hf):")
+    for name, target in NATURAL_TASKS.items():
+        module, _, attr = target.partition(":")
+        doc = (getattr(importlib.import_module(module), attr).__doc__ or "").strip().splitlines()
+        print(f"  {name:<14} {doc[0] if doc else ''}")
 
 
 def _table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
