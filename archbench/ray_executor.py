@@ -133,7 +133,7 @@ class RayExecutor:
                                   if hasattr(ray.exceptions, name))
         self.started = False  # True if this executor started the Ray instance it uses
         self._in_flight: dict[Any, tuple[Any, Callable]] = {}  # ObjectRef -> (tag, fn)
-        self._tasks: dict[tuple[str, str], Any] = {}  # (function name, cache path) -> remote task
+        self._tasks: dict[tuple, Any] = {}  # (function name, *environment items) -> remote task
 
     @property
     def cluster(self) -> bool:
@@ -180,12 +180,16 @@ class RayExecutor:
         """Start `fn(*args)` as a Ray task; its ObjectRef."""
         self._connect()
         cache = str(zoo.cache_root().expanduser().resolve())
+        env = {"ARCHBENCH_CACHE": cache}
+        if os.environ.get("ARCHBENCH_CHECKPOINTS"):  # researchers' checkpoints, as the driver described them
+            env["ARCHBENCH_CHECKPOINTS"] = os.environ["ARCHBENCH_CHECKPOINTS"]
         name = getattr(fn, "__name__", "archbench")
-        task = self._tasks.get((name, cache))
+        key = (name, *sorted(env.items()))
+        task = self._tasks.get(key)
         if task is None:
-            task = self._tasks[(name, cache)] = self._ray.remote(_call).options(
+            task = self._tasks[key] = self._ray.remote(_call).options(
                 num_cpus=self.num_cpus, num_gpus=self.num_gpus, name=name, max_retries=self.max_retries,
-                runtime_env={"env_vars": {"ARCHBENCH_CACHE": cache}})
+                runtime_env={"env_vars": env})
         return task.remote(fn, args, max(1, int(self.num_cpus)))
 
     def next_done(self, timeout: float | None = None) -> tuple[Any, Any] | None:

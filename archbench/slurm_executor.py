@@ -96,9 +96,12 @@ def slurm_minutes(text: str) -> int:
     return minutes
 
 
-def _call(fn: Callable, args: tuple, threads: int, cache: str) -> Any:
-    """Body of every job: the driver's cache, one torch thread per reserved CPU, then the call."""
+def _call(fn: Callable, args: tuple, threads: int, cache: str, checkpoints: str | None = None) -> Any:
+    """Body of every job: the driver's cache (and its description of researchers' checkpoints,
+    `ARCHBENCH_CHECKPOINTS`), one torch thread per reserved CPU, then the call."""
     os.environ["ARCHBENCH_CACHE"] = cache  # whatever the cluster's environment export policy is
+    if checkpoints:
+        os.environ["ARCHBENCH_CHECKPOINTS"] = checkpoints
     import torch
 
     from archbench.jobs import init_worker
@@ -184,7 +187,8 @@ class SlurmExecutor:
     def submit(self, tag: Any, fn: Callable, args: tuple) -> None:
         cache = str(zoo.cache_root().expanduser().resolve())
         try:
-            job = self._executor.submit(_call, fn, args, self.cpus_per_task, cache)
+            job = self._executor.submit(_call, fn, args, self.cpus_per_task, cache,
+                                        os.environ.get("ARCHBENCH_CHECKPOINTS"))
         except (self._errors.FailedJobError, self._errors.FailedSubmissionError, OSError) as exc:
             # sbatch said no to this one job (a submit limit, a busy controller): an error row,
             # retried on rerun; settings that fail every job were caught by the test job
