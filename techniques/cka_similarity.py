@@ -78,19 +78,25 @@ def cka_exact(cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _grid(cells: pd.DataFrame, pairs: pd.DataFrame, reference: str, value) -> tuple[list[str], list[list[str]]]:
+    """(archs, rows): one row per architecture, its mean CKA with the truth, then `value(a, c, row)`
+    of each pair (the empty string where the pair has no row)."""
+    archs = arch_order(pairs.arch_a.unique(), reference)
+    gt = trained_cells(cells).groupby("arch").score.mean()
+    rows = []
+    for a in archs:
+        row = [a, fmt(gt.get(a))]
+        for c in archs:
+            r = pairs[(pairs.arch_a == a) & (pairs.arch_b == c)]
+            row.append("" if r.empty else value(a, c, r.iloc[0]))
+        rows.append(row)
+    return archs, rows
+
+
 def similarity(cells: pd.DataFrame, reference: str) -> Table | None:
     exact = cka_exact(cells)
     if not exact.empty:
-        archs = arch_order(exact.arch_a.unique(), reference)
-        ok = trained_cells(cells)
-        gt = ok.groupby("arch").score.mean()
-        rows = []
-        for a in archs:
-            row = [a, fmt(gt.get(a))]
-            for c in archs:
-                r = exact[(exact.arch_a == a) & (exact.arch_b == c)]
-                row.append("" if r.empty else f"{r.cka.iloc[0]:.2f}")
-            rows.append(row)
+        archs, rows = _grid(cells, exact, reference, lambda a, c, r: f"{r.cka:.2f}")
         note = ("Linear CKA (Kornblith et al. 2019) between the best sites of two trained architectures "
                 "on the same test inputs (each cka cell stores its best site's normalised centred Gram "
                 "matrix on the first test examples of its task and seed; CKA is their Frobenius inner "
@@ -101,16 +107,7 @@ def similarity(cells: pd.DataFrame, reference: str) -> Table | None:
     b = cka_bounds(cells)
     if b.empty:
         return None
-    archs = arch_order(b.arch_a.unique(), reference)
-    ok = trained_cells(cells)
-    gt = ok.groupby("arch").score.mean()
-    rows = []
-    for a in archs:
-        row = [a, fmt(gt.get(a))]
-        for c in archs:
-            r = b[(b.arch_a == a) & (b.arch_b == c)]
-            row.append("" if r.empty else "1" if a == c else f"{r.lo.iloc[0]:.2f}–{r.hi.iloc[0]:.2f}")
-        rows.append(row)
+    archs, rows = _grid(cells, b, reference, lambda a, c, r: "1" if a == c else f"{r.lo:.2f}–{r.hi:.2f}")
     note = ("Linear CKA (Kornblith et al. 2019) between the best sites of two trained architectures, as an "
             "interval: each cka cell stores its CKA with the one-hot primary variable on test examples "
             "shared by every architecture (same task and seed); CKA is the cosine of the angle between "
