@@ -33,7 +33,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from archbench import figures as figs
 from archbench import report_html, report_latex, verdict
 from archbench import report_tables as tables
 from archbench.report_tables import Table
@@ -164,6 +163,8 @@ def render_files(d: ReportData, formats=FORMATS) -> dict[str, bytes]:
     settings = d.settings
     if d.cells.empty:
         return {"LEADERBOARD.md": EMPTY.encode()}
+    from archbench import figures as figs  # matplotlib: imported only when a report is drawn
+
     tabs = build_tables(d)
     lines = intro(settings, d.cells)
     drawn = figs.render(d.cells, d.summary, settings, figs.FORMATS if "png" in formats else ("png",)) \

@@ -39,7 +39,7 @@ from archbench.local_executor import LocalExecutor
 from archbench.progress import Progress
 from archbench.results_dir import run_lock
 from archbench.verdict import Settings as VerdictSettings
-from archbench.store import RunSpec, Store, cell_identity
+from archbench.store import RunSpec, Store, cell_identity, organism_identity
 
 # seeds per run profile (`archbench run --profile`); `--seeds` overrides
 PROFILES: dict[str, int] = {"quick": 3, "default": 5, "full": 10}
@@ -190,6 +190,7 @@ def run_matrix(specs: list[RunSpec], results_dir, workers: int | None = None, ga
     """
     start = time.perf_counter()
     cell_identity.cache_clear()  # configs, versions and formats are read afresh each run
+    organism_identity.cache_clear()
     workers = workers or os.cpu_count() or 1
     summary = RunSummary(total=len(specs), skipped=0, errors=[])
     try:

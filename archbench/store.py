@@ -156,14 +156,24 @@ def cell_identity(spec: RunSpec) -> dict[str, Any]:
 
     A rerun after any of these changes recomputes exactly the cells it affects.
     """
-    from archbench import checkpoints, registry, zoo
+    from archbench import registry
     from archbench.technique import SCORING_VERSION
 
     technique = registry.technique(spec.technique)
-    task = checkpoints.task(spec.arch, spec.task).for_seed(spec.seed)
+    task_config, organism = organism_identity(spec.arch, spec.task, spec.seed)
     return {**asdict(spec), **library_versions(), "scoring": SCORING_VERSION,
             "technique_version": technique.version, "technique_config": technique().config,
-            "task_config": task.config(), "organism": zoo.organism_id(spec.arch, task, spec.seed)}
+            "task_config": task_config, "organism": organism}
+
+
+@lru_cache(maxsize=None)
+def organism_identity(arch: str, task_name: str, seed: int) -> tuple[dict[str, Any], str]:
+    """(task config for the seed, organism id): shared by the cells of one organism, so a
+    matrix builds each task once per organism rather than once per cell."""
+    from archbench import checkpoints, zoo
+
+    task = checkpoints.task(arch, task_name).for_seed(seed)
+    return task.config(), zoo.organism_id(arch, task, seed)
 
 
 @lru_cache(maxsize=1)

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 GLYPHS = {"transfers": "✓", "partial": "◐", "fails": "✗", "weak-reference": "≈",
           "no-reference": "∅", "n/a": "–"}
@@ -66,6 +65,8 @@ def cell_score(per_example, score) -> float:
 
 def interval(values, confidence: float, example_se: float | None = None) -> tuple[float, float]:
     """Student-t interval of the mean of per-seed values (n,); with one seed, mean ± z * example_se."""
+    from scipy import stats  # imported on first use: a resumed run that renders nothing never needs it
+
     v = np.asarray(values, dtype=float)
     mean = float(v.mean()) if v.size else float("nan")
     if v.size >= 2:
@@ -143,6 +144,8 @@ def fieller(a: Effect, r: Effect, confidence: float) -> tuple[float, float]:
     va, vr = a.variance_of_mean, r.variance_of_mean
     if np.isnan(va) or np.isnan(vr):
         return float("nan"), float("nan")
+    from scipy import stats
+
     df = min(a.n_seeds, r.n_seeds) - 1
     t = stats.t.ppf((1 + confidence) / 2, df) if df >= 1 else stats.norm.ppf((1 + confidence) / 2)
     x, y = a.effect, r.effect
