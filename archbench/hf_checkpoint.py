@@ -15,6 +15,8 @@ to the adapter that loads that class, and refuses types no adapter loads correct
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -37,6 +39,26 @@ def _model_type(path: Path) -> str | None:
     return json.loads(config.read_text()).get("model_type")
 
 
+@contextlib.contextmanager
+def quiet_gguf_loading():
+    """Load GGUF files without transformers' own progress bar.
+
+    transformers' GGUF loader draws a tqdm bar ("Converting and de-quantizing GGUF
+    tensors...") from a module-level `tqdm` and ignores
+    `transformers.utils.logging.disable_progress_bar()`; in a matrix run it would write over
+    archbench's progress display, so that name is swapped for a disabled bar while a GGUF
+    file loads, and restored after.
+    """
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    drawn = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(drawn, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = drawn
+
+
 def load_strict(model_class, path: str | Path, **kwargs: Any):
     """`model_class.from_pretrained(path, local_files_only=True, **kwargs)`, refusing a
     checkpoint of another model type or with missing, unexpected or reshaped weights."""
@@ -47,8 +69,9 @@ def load_strict(model_class, path: str | Path, **kwargs: Any):
         raise ValueError(f"checkpoint {path}: model_type {found!r}, not {expected!r} "
                          f"({model_class.__name__}); archbench loads it with the "
                          f"{FAMILIES.get(found, 'no')!s} adapter")
-    model, info = model_class.from_pretrained(str(path), local_files_only=True, output_loading_info=True,
-                                              **kwargs)
+    with quiet_gguf_loading() if kwargs.get("gguf_file") else contextlib.nullcontext():
+        model, info = model_class.from_pretrained(str(path), local_files_only=True, output_loading_info=True,
+                                                  **kwargs)
     problems = []
     for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
                       ("mismatched_keys", "of another shape")):

@@ -51,6 +51,9 @@ def load_model():
     """SmolLM2-135M-Instruct as a `LlamaForCausalLM` in eval mode (about 20 s: dequantising)."""
     from transformers import LlamaForCausalLM
 
+    from archbench.hf_checkpoint import quiet_gguf_loading
+
     path = gguf_path()
-    model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    with quiet_gguf_loading():
+        model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     return model.eval()

@@ -111,3 +111,18 @@ def test_family_for_reads_a_gguf_files_architecture(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     assert family_for(tmp_path, gguf_file="tiny.gguf") == "gpt2"
+
+
+def test_gguf_loading_draws_no_progress_bar_of_its_own(capfd):
+    """transformers' GGUF loader calls its module's `tqdm` directly; inside
+    `quiet_gguf_loading` that bar is disabled (it would write over archbench's display),
+    and outside it transformers' own bar is back."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from archbench.hf_checkpoint import quiet_gguf_loading
+
+    with quiet_gguf_loading():
+        list(gguf_utils.tqdm(range(3), desc="de-quantizing"))
+    assert "de-quantizing" not in capfd.readouterr().err
+    list(gguf_utils.tqdm(range(3), desc="de-quantizing"))
+    assert "de-quantizing" in capfd.readouterr().err
