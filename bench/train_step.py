@@ -10,7 +10,8 @@ measures both on the organisms the matrix trains, one torch thread, in one proce
                   and the matrix's 128; a step bound by overhead costs about the same at every
                   batch, one bound by arithmetic grows with it (32 -> 128 is 4x the arithmetic)
   seeds in vmap   3 seeds trained as one vmapped functional model against the same 3 trained
-                  one after another (batch 128 each); the ratio is the speed-up vmap would give
+                  one after another (batch 128 each, both on the answer cross-entropy); the
+                  ratio is the speed-up vmap would give
 
 Medians of repeated steps after two warm-up steps; both variants run interleaved on the same
 machine. A family whose model vmap cannot batch (data-dependent shapes, autograd Functions
@@ -43,15 +44,26 @@ def train_config(adapter, task_name: str) -> dict:
     return {**Adapter.train_config, **adapter.train_config, **adapter.task_train_config.get(task_name, {})}
 
 
-def step_seconds(adapter, train, cfg: dict, batch: int, reps: int, gen: torch.Generator) -> float:
-    """Median seconds of one `fit`-style step at `batch` (after two warm-up steps)."""
+def answer_loss(adapter, tokens, answer, cfg, gen):
+    """Cross-entropy of the answer at the last position: the loss the vmap variant trains
+    (the diffusion LM's own `loss` is masked denoising, which would not compare like for like)."""
+    return torch.nn.functional.cross_entropy(adapter.forward(tokens)[:, -1], answer)
+
+
+def step_seconds(adapter, train, cfg: dict, batch: int, reps: int, gen: torch.Generator,
+                 loss_fn=None) -> float:
+    """Median seconds of one `fit`-style step at `batch` (after two warm-up steps), with the
+    adapter's own training loss unless `loss_fn` is given."""
     opt = torch.optim.AdamW(adapter.model.parameters(), lr=cfg["lr"])
     adapter.model.train()
     times = []
     for _ in range(reps + 2):
         start = time.perf_counter()
         idx = torch.randint(len(train), (batch,), generator=gen)  # (batch,)
-        loss = adapter.loss(train.tokens[idx], train.answer[idx], cfg, gen)
+        if loss_fn is None:
+            loss = adapter.loss(train.tokens[idx], train.answer[idx], cfg, gen)
+        else:
+            loss = loss_fn(adapter, train.tokens[idx], train.answer[idx], cfg, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -117,7 +129,7 @@ def main() -> None:
         train = task.sample(2048, 0, "train")
         gen = torch.Generator().manual_seed(0)
         by_batch = {b: step_seconds(adapters[0], train, cfg, b, a.reps, gen) for b in (8, 32, cfg["batch"])}
-        one_by_one = sum(step_seconds(ad, train, cfg, cfg["batch"], a.reps, gen) for ad in adapters)
+        one_by_one = sum(step_seconds(ad, train, cfg, cfg["batch"], a.reps, gen, answer_loss) for ad in adapters)
         try:
             together = vmap_seconds(adapters, train, cfg, a.reps, gen)
             vm, ratio = f"{together:.4f}", f"{one_by_one / together:.2f}x"
