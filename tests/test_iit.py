@@ -160,6 +160,28 @@ def test_both_iit_terms_are_differentiable_and_reach_the_designated_block():
     assert q is not None and float(q.abs().sum()) > 0
 
 
+def _fit_with_a_dipping_iit_metric(monkeypatch, **cfg):
+    # the IIT metric as a real run shows it: highest at the first evaluation (nothing learnt,
+    # no patch changes an answer), then lower while the task is learnt through every component
+    iias = iter([1.0] + [0.0] * 50)
+    real = iit.summary
+    monkeypatch.setattr(iit, "summary", lambda effects, al: {**real(effects, al), "iia": next(iias)})
+    task = Count(length=6, m=3)
+    adapter = TransformerAdapter.for_task(task, 0, d_model=16, n_layers=1, n_heads=2, d_mlp=32)
+    al = iit_sites.alignment(adapter, task)
+    small = {"steps": 60, "batch": 8, "n_train": 64, "eval_every": 10, "n_pairs": 32, "n_val_pairs": 16,
+             "target": 1.01}
+    return iit.fit_iit(adapter, task, 0, al, **{**cfg, **small})
+
+
+def test_known_answer_training_does_not_stop_on_the_first_evaluation_s_iit_metric(monkeypatch):
+    monkeypatch.setitem(Adapter.train_config, "plateau_steps", 20)  # a family plateau window of 2 evaluations
+    ordinary = _fit_with_a_dipping_iit_metric(monkeypatch)
+    assert ordinary.stopped == "plateau" and ordinary.steps == 30  # measured against step 10's value
+    known = _fit_with_a_dipping_iit_metric(monkeypatch, **known_answer.iit_config("transformer", Count()))
+    assert known.stopped == "step cap" and known.steps == 60
+
+
 @pytest.mark.slow  # about 25 s alone on one core, twice that on a shared one
 def test_a_tiny_strict_iit_transformer_holds_count_at_its_last_mixer(trained):
     task, adapter, al, report = trained
