@@ -475,16 +475,34 @@ def cmd_zoo(args) -> int:
 
 
 def cmd_iit(args) -> int:
-    """Build (or load) known-answer organisms and print their table as markdown."""
-    from archbench import iit_sites, known_answer_table
+    """Build (or load) known-answer organisms, print their table as markdown and, with
+    --results, store their localisation rows and re-render that directory's report."""
+    import contextlib
+
+    from archbench import iit_sites, known_answer_table, report, store
+    from archbench.technique import SCORING_VERSION
 
     archs = _matrix_archs(args.arch) if args.arch else sorted(iit_sites.DESIGNATED)
-    rows = [known_answer_table.row(a, k, s) for a in archs for k in _names("tasks", args.task)
-            for s in range(args.seeds or 1)]
-    text = known_answer_table.markdown(rows)
-    print(text, end="")
-    if args.out:
-        Path(args.out).write_text(text)
+    jobs = [(a, k, s) for a in archs for k in _names("tasks", args.task) for s in range(args.seeds or 1)]
+    results = _results_dir(args.results) if args.results else None
+    rows = []
+    with contextlib.ExitStack() as held:
+        if results is not None:
+            held.enter_context(results_place.run_lock(results))
+            store.unpack(results)
+            db = held.enter_context(store.Store(results))
+        for a, k, s in jobs:
+            found = known_answer_table.localisation_rows(a, k, s)
+            if results is not None and found:
+                db.put_localisation(found)  # each organism's rows as soon as they exist
+            rows.append(known_answer_table.row(a, k, s, found))
+        text = known_answer_table.markdown(rows)
+        print(text, end="")
+        if args.out:
+            Path(args.out).write_text(text)
+        if results is not None:
+            db.close()
+            print(f"leaderboard: {report.write(results, scoring=SCORING_VERSION)}")
     return 0
 
 
@@ -582,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", help="comma-separated tasks (default: all)")
     s.add_argument("--seeds", type=_positive, help="number of seeds (default 1)")
     s.add_argument("--out", help="also write the markdown table to this file")
+    s.add_argument("--results", help="also store the localisation rows in this results directory and re-render "
+                                     "its report (its known-answer track)")
     s.set_defaults(fn=cmd_iit)
     return p
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from archbench import report_html, report_latex, verdict
+from archbench import report_html, report_known_answer, report_latex, verdict
 from archbench import report_tables as tables
 from archbench.report_tables import Table
 from archbench.results_dir import write_atomic
@@ -50,6 +50,7 @@ class ReportData:
     verdicts: pd.DataFrame  # one row per (technique, task, arch)
     summary: pd.DataFrame  # one row per (technique, arch), tasks pooled
     settings: verdict.Settings
+    localisation: pd.DataFrame | None = None  # known-answer organisms' rows (archbench iit --results)
 
 
 class MixedScoring(ValueError):
@@ -65,7 +66,7 @@ def load(results_dir: str | Path, settings: verdict.Settings = verdict.Settings(
 
 
 def _load(store: Store, results_dir, settings: verdict.Settings, scoring: int | None) -> ReportData:
-    cells, organisms = store.cells(), store.organisms()
+    cells, organisms, loc = store.cells(), store.organisms(), store.localisation()
     versions = sorted(set(cells.scoring)) if len(cells) else []
     if scoring is not None:
         cells = cells[cells.scoring == scoring]
@@ -75,10 +76,10 @@ def _load(store: Store, results_dir, settings: verdict.Settings, scoring: int | 
             f"may mix: rerun `archbench run --matrix --results {results_dir}` with the same filters to "
             f"recompute the old cells, or render one version with `archbench report --scoring {versions[-1]}`")
     if cells.empty:
-        return ReportData(cells, organisms, pd.DataFrame(), pd.DataFrame(), settings)
+        return ReportData(cells, organisms, pd.DataFrame(), pd.DataFrame(), settings, loc)
     measured = verdict.effects(cells, settings)
     return ReportData(cells, organisms, verdict.verdicts(cells, settings, measured),
-                      verdict.summary(cells, settings, measured), settings)
+                      verdict.summary(cells, settings, measured), settings, loc)
 
 
 def intro(settings: verdict.Settings, cells: pd.DataFrame | None = None) -> list[str]:
@@ -98,6 +99,7 @@ def intro(settings: verdict.Settings, cells: pd.DataFrame | None = None) -> list
 def build_tables(d: ReportData) -> list[Table]:
     s = d.settings
     out = [tables.transfer_matrix(d.summary, s), tables.behaviour(d.organisms, d.cells, s.reference)]
+    out += report_known_answer.tables(d.localisation, s.reference, s)
     out += tables.technique_tables(d.cells, s.reference)
     high = tables.high_controls(d.verdicts, s)
     out += [high] if high is not None else []
@@ -161,8 +163,10 @@ def render_files(d: ReportData, formats=FORMATS) -> dict[str, bytes]:
     """Every requested file's content, by path relative to the results directory, figures
     first and LEADERBOARD.md last (it links the figures)."""
     settings = d.settings
-    if d.cells.empty:
-        return {"LEADERBOARD.md": EMPTY.encode()}
+    if d.cells.empty:  # nothing to score yet; a known-answer track stands alone
+        track = report_known_answer.tables(d.localisation, settings.reference, settings)
+        return {"LEADERBOARD.md": (EMPTY + "".join(f"\n## {t.title}\n\n{t.note}\n\n{_md_table(t)}\n"
+                                                   for t in track)).encode()}
     from archbench import figures as figs  # matplotlib: imported only when a report is drawn
 
     tabs = build_tables(d)

@@ -39,9 +39,10 @@ from archbench.version import __version__
 DB_NAME = "archbench.db"
 GZ_NAME = DB_NAME + ".gz"  # the published store, committed compressed
 
-# 1: archbench 0.1 (no scoring, identity); 2: scoring and identity per cell; 3: the reports table.
-# Stores written before versions were recorded read 0 and are migrated like version 1.
-SCHEMA_VERSION = 3
+# 1: archbench 0.1 (no scoring, identity); 2: scoring and identity per cell; 3: the reports table;
+# 4: the localisation table (known-answer organisms). Stores written before versions were
+# recorded read 0 and are migrated like version 1.
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
@@ -61,6 +62,17 @@ CREATE TABLE IF NOT EXISTS organisms (
     arch TEXT NOT NULL, task TEXT NOT NULL, seed INTEGER NOT NULL,
     accuracy REAL, train_accuracy REAL, steps INTEGER, seconds REAL,
     gate TEXT, meta TEXT, created TEXT DEFAULT CURRENT_TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS localisation (
+    organism TEXT NOT NULL,          -- the known-answer organism (its control: control = 1)
+    technique TEXT NOT NULL, control INTEGER NOT NULL,
+    arch TEXT NOT NULL, task TEXT NOT NULL, seed INTEGER NOT NULL,
+    designated TEXT, n_candidates INTEGER,
+    rank INTEGER,                    -- of the designated component; NULL where the technique does not apply
+    scores TEXT,                     -- candidate -> the technique's score (JSON)
+    gate TEXT, meta TEXT,            -- the known-answer organism's gate and metadata (JSON)
+    created TEXT DEFAULT CURRENT_TIMESTAMP,
+    PRIMARY KEY (organism, technique, control)
 );
 CREATE TABLE IF NOT EXISTS reports (
     file TEXT PRIMARY KEY,           -- relative to the results directory
@@ -280,12 +292,36 @@ class Store:
 
         return pd.read_sql_query("SELECT * FROM organisms ORDER BY arch, task, seed", self.db)
 
+    def put_localisation(self, rows: list[dict[str, Any]]) -> None:
+        """Write one known-answer organism's localisation rows (one per technique and control)
+        in one transaction; rows of the same organism, technique and control are replaced."""
+        cols = ["organism", "technique", "control", "arch", "task", "seed", "designated", "n_candidates",
+                "rank", "scores", "gate", "meta"]
+        with self.db:
+            for row in rows:
+                values = {**row, "control": int(row["control"]), "scores": json.dumps(row.get("scores")),
+                          "meta": json.dumps(row.get("meta", {}), default=str)}
+                self.db.execute(f"INSERT OR REPLACE INTO localisation ({', '.join(cols)}) "
+                                f"VALUES ({', '.join('?' * len(cols))})", [values.get(c) for c in cols])
+
+    def localisation(self):
+        """The localisation rows as a pandas DataFrame (JSON columns decoded)."""
+        import pandas as pd
+
+        df = pd.read_sql_query("SELECT * FROM localisation ORDER BY arch, task, seed, technique, control", self.db)
+        for col in ("scores", "meta"):
+            df[col] = df[col].map(lambda s: json.loads(s) if s else None)
+        df["control"] = df["control"].astype(bool)
+        return df
+
     def content_digest(self, scoring: int | None = None) -> str:
-        """A digest of every cell (of scoring version `scoring`, or all) and every organism
-        record, every column: what a report rendered from this store depends on."""
+        """A digest of every cell (of scoring version `scoring`, or all), every organism
+        record and every localisation row, every column: what a report rendered from this
+        store depends on."""
         h = hashlib.sha256()
         where = "" if scoring is None else f" WHERE COALESCE(scoring, 1) = {int(scoring)}"
-        for query in (f"SELECT * FROM cells{where} ORDER BY key", "SELECT * FROM organisms ORDER BY organism"):
+        for query in (f"SELECT * FROM cells{where} ORDER BY key", "SELECT * FROM organisms ORDER BY organism",
+                      "SELECT * FROM localisation ORDER BY organism, technique, control"):
             for row in self.db.execute(query):
                 h.update(json.dumps(row, default=str).encode())
             h.update(b"\x00")

@@ -93,7 +93,7 @@ def train_topk_sae(x: torch.Tensor, n_latents: int, k: int, steps: int, lr: floa
     return (lambda a: encode(a).detach()), (lambda z: decode(z).detach())
 
 
-def _match(z_tr: torch.Tensor, z_te: torch.Tensor, g_tr: torch.Tensor, g_te: torch.Tensor):
+def match_latents(z_tr: torch.Tensor, z_te: torch.Tensor, g_tr: torch.Tensor, g_te: torch.Tensor):
     """Best latent per feature chosen on train: -> test (rows,) z-products, test r (G,), train |r| mean."""
     zl_tr, zl_te = _zscore(z_tr.double()), _zscore(z_te.double())  # (N, m), (M, m)
     corr_tr = (_zscore(g_tr).T @ zl_tr) / len(g_tr)  # (G, m) train Pearson r
@@ -154,7 +154,7 @@ class SAE(Technique):
                 z_tr, z_te = encode(x_tr), encode(x_te)  # (N, m), (M, m)
                 per_ex, train_score, by_latent = torch.zeros(len(test), dtype=torch.float64), 0.0, {}
                 for key, (g_tr, g_te) in truth.items():
-                    prod, r, tr_r = _match(z_tr, z_te, g_tr, g_te)
+                    prod, r, tr_r = match_latents(z_tr, z_te, g_tr, g_te)
                     per_ex += prod / len(keys)
                     train_score += tr_r / len(keys)
                     by_latent[key] = float(r.abs().mean())

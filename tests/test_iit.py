@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from archbench import iit, iit_sites, known_answer, localisation, registry, zoo
+from archbench import component_rankers, iit, iit_sites, known_answer, localisation, registry, zoo
 from archbench.adapter import Adapter, Site, hook
 from archbench.adapters.transformer import TransformerAdapter
 from archbench.hooks import HookPoint
@@ -112,6 +112,48 @@ def test_patching_ranks_the_planted_component_first_and_the_probe_ties_it_with_a
     assert probe["blocks.1.attn.out"] == probe["blocks.1.mlp.out"] == 1.0
     got = localisation.localisation(PLANTED.designated, probe, threshold=0.5)
     assert got["rank"] == 2 and got["precision"] == 0.5 and got["recall"] == 1.0
+
+
+class PlantedSumReadable(PlantedSum):
+    """The planted sum with gradients, its logits' input as the stream, and a readout (x 10)."""
+
+    family = "planted-sum-readable"
+    capabilities = frozenset({"gradients", "readout"})
+
+    def decode(self, stream):
+        return 10.0 * stream  # (batch, pos, vocab)
+
+    def hooks(self):
+        return super().hooks() + [hook("blocks.1.resid_post", "stream", D, 1, Site(self.model.mix))]
+
+
+# a ranker -> the designated component's rank on the planted sum (3 candidates): causal rankers
+# put it first; correlational ones tie it with its unused copy; none ranks the unused input 1st
+PLANTED_RANKS = {"patching": 1, "ablation": 1, "attribution": 1, "steering": 1,
+                 "probe": 2, "logit_lens": 2, "tuned_lens": 2, "sae": 2}
+
+
+def test_every_component_ranker_finds_the_planted_component_or_ties_it_with_its_copy():
+    task = ModAdd(p=11)
+    adapter = PlantedSumReadable.for_task(task, 0)
+    assert set(component_rankers.RANKERS) == set(PLANTED_RANKS)
+    for technique, expected in PLANTED_RANKS.items():
+        scores = component_rankers.component_scores(technique, adapter, task, 0, PLANTED)
+        assert set(scores) == set(PLANTED.candidates), technique
+        assert localisation.rank(PLANTED.designated, scores) == expected, (technique, scores)
+        if expected == 2:  # tied with the copy, strictly above the unused input
+            assert scores["blocks.1.attn.out"] == pytest.approx(scores["blocks.1.mlp.out"]), (technique, scores)
+            assert scores["blocks.1.attn.out"] > scores["blocks.0.mlp.out"] + 0.3, (technique, scores)
+        else:  # the inert components do nothing
+            assert scores["blocks.1.attn.out"] > 0.5, (technique, scores)
+            assert abs(scores["blocks.1.mlp.out"]) < 0.05 and abs(scores["blocks.0.mlp.out"]) < 0.05, scores
+
+
+def test_rankers_that_need_gradients_or_a_readout_do_not_apply_without_them():
+    task = ModAdd(p=11)
+    adapter = PlantedSum.for_task(task, 0)
+    assert component_rankers.component_scores("attribution", adapter, task, 0, PLANTED) is None
+    assert component_rankers.component_scores("logit_lens", adapter, task, 0, PLANTED) is None
 
 
 def test_rank_counts_ties_against_the_designated_site():
@@ -229,6 +271,35 @@ def test_the_iit_command_prints_a_row_with_the_reason_for_a_reservoir(capsys, tm
     out = tmp_path / "iit.md"
     assert main(["iit", "--arch", "reservoir", "--task", "count", "--out", str(out)]) == 0
     header, rule, row = capsys.readouterr().out.splitlines()
-    assert header.startswith("| family | task | seed | designated | behaviour | IIA")
+    assert header.startswith("| family | task | seed | designated | candidates | behaviour | IIA")
     assert row.startswith("| reservoir | count | 0 |") and "n/a: only the linear readout" in row
     assert out.read_text().splitlines()[2] == row
+
+
+def test_the_iit_command_stores_localisation_rows_and_the_report_draws_the_track(tmp_path, monkeypatch, capsys):
+    from archbench import report_known_answer, store, verdict
+    from archbench.cli import main
+
+    monkeypatch.setenv("ARCHBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(known_answer.IIT_TRAIN, "*", {"steps": 3, "batch": 8, "n_train": 64, "eval_every": 3,
+                                                      "n_pairs": 32, "n_val_pairs": 16})
+    results = tmp_path / "results"
+    assert main(["iit", "--arch", "transformer", "--task", "count", "--results", str(results)]) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.startswith("| transformer | count | 0 | blocks.1.attn.out | 4 |")
+    with store.Store(results) as db:
+        loc = db.localisation()
+    assert set(loc.technique) == set(component_rankers.RANKERS) and len(loc) == 2 * len(component_rankers.RANKERS)
+    assert set(loc.control) == {False, True} and (loc.n_candidates == 4).all()
+    assert loc["rank"].between(1, 4).all()  # every ranker applies to the transformer
+    assert (loc.gate != "pass").all()  # three steps teach nothing: no organism to score
+    board = (results / "LEADERBOARD.md").read_text()
+    assert "## Known-answer organisms" in board and "0/1 pass" in board and "## Localisation" not in board
+    # the localisation table scores only organisms that pass, and reads MRR against H(n)/n
+    passing = loc.assign(gate="pass")
+    table = report_known_answer.localisation(passing, "transformer", verdict.Settings())
+    assert table.header[1] == "transformer (n=4, chance 0.52)"
+    patch = next(r for r in table.rows if r[0] == "patching")[1]
+    rank = int(loc[(loc.technique == "patching") & ~loc.control]["rank"].iloc[0])
+    assert patch.startswith(f"{1 / rank:.2f} ") and f"first {int(rank == 1)}/1" in patch
+    assert report_known_answer.chance_mrr(2) == 0.75
