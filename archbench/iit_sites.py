@@ -35,6 +35,9 @@ DESIGNATED: dict[str, dict[str, str]] = {
     "mamba": {"*": "blocks.{last}.ssm.out"},
     "mamba2": {"*": "blocks.{last}.ssm.out"},
     "rwkv": {"*": "blocks.{last}.wkv.out"},
+    # bidirectional: the last block's attention at the answer slot is the last place where the
+    # inputs reach the slot, as the last mixer at the answer position is in a causal model
+    "diffusion": {"*": "blocks.{last}.attn.out"},
 }
 
 NOT_APPLICABLE: dict[str, str] = {
@@ -42,7 +45,6 @@ NOT_APPLICABLE: dict[str, str] = {
     "nvar": "only the linear readout is trained (ridge regression): the features are fixed by construction",
     "spiking": "no component hook points (mixer or mlp) to designate",
     "kan": "one component role only (edges) and no token mixer to route the variable through",
-    "diffusion": "trained by masked denoising with an answer slot; IIT on its denoising loss is not built",
 }
 
 
