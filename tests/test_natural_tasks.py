@@ -204,3 +204,19 @@ def test_smollm2_solves_ioi_and_facts(tasks):
     assert known.n_facts >= 5  # 7 measured: right in all three contexts
     ex = known.sample(100, seed=0, split="test")
     assert (last_logits(ex.tokens).argmax(-1) == ex.answer).all()
+
+
+def test_ioi_output_position_pairs_move_the_io_and_expect_the_subject(tasks):
+    task = tasks["ioi"]
+    cf = task.counterfactuals(100, seed=3, variable="output_position")
+    assert cf.variable == "output_position" and task.in_test_split(cf.source.numpy()).all()
+    lb, ls = task.latents(cf.base), task.latents(cf.source)
+    assert torch.equal(ls["output_position"], 1 - lb["output_position"])  # the IO changed slot
+    assert torch.equal(ls["output_token"], lb["output_token"]) and torch.equal(ls["subject"], lb["subject"])
+    assert torch.equal(cf.expected, lb["subject"]) and torch.equal(cf.base_answer, lb["output_token"])
+    assert int(cf.changed_positions.sum(1).max()) == 2  # only the two first-clause names moved
+    primary = task.counterfactuals(100, seed=3)
+    assert primary.variable == "output_token" and not torch.equal(primary.source, cf.source)
+    with pytest.raises(ValueError, match="no counterfactual pairs on 'subject'; variables with pairs: "
+                                         "output_token, output_position"):
+        task.counterfactuals(10, seed=3, variable="subject")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import hashlib
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -136,17 +136,34 @@ class Task(abc.ABC):
         return Examples(tokens=tokens, answer=self.rule(tokens), latents=self.latents(tokens),
                         relevant=self.relevance(tokens))
 
-    def counterfactuals(self, n: int, seed: int, split: str = "test") -> Counterfactuals:
-        """n interchange pairs on the primary variable; base and source both in `split`."""
+    def other_counterfactuals(self) -> dict[str, tuple[Callable, Callable]]:
+        """Variables besides the primary one with counterfactual pairs of their own:
+        name -> (source maker (rng, base (n, T)) -> (n, T), interchange (base, source) -> (n,)).
+        None by default; IOI has its output position (MIB's second causal variable)."""
+        return {}
+
+    def counterfactuals(self, n: int, seed: int, split: str = "test", variable: str | None = None) -> Counterfactuals:
+        """n interchange pairs on the primary variable (or on `variable`, one of
+        `other_counterfactuals`); base and source both in `split`."""
         code = _split_code(split)
-        rng = np.random.default_rng([seed, (2, 5, 3)[code]])
+        variable = self.primary if variable is None else variable
+        others = self.other_counterfactuals()
+        if variable == self.primary:
+            make_source, interchange = self._counterfactual_source, self.interchange
+            rng = np.random.default_rng([seed, (2, 5, 3)[code]])
+        elif variable in others:
+            make_source, interchange = others[variable]
+            rng = np.random.default_rng([seed, (2, 5, 3)[code], 1 + sorted(others).index(variable)])
+        else:
+            raise ValueError(f"{self.name}: no counterfactual pairs on {variable!r}; variables with pairs: "
+                             f"{', '.join([self.primary, *sorted(others)])}")
         bases, sources = [], []
         have = 0
         for _ in range(MAX_DRAWS):
             if have >= n:
                 break
             base = self._draw(rng, n - have, split)
-            source = self._counterfactual_source(rng, base)
+            source = make_source(rng, base)
             keep = self.split_of(source) == code
             bases.append(base[keep])
             sources.append(source[keep])
@@ -157,8 +174,8 @@ class Task(abc.ABC):
         base_t = torch.as_tensor(np.concatenate(bases)[:n], dtype=torch.long)
         source_t = torch.as_tensor(np.concatenate(sources)[:n], dtype=torch.long)
         return Counterfactuals(base=base_t, source=source_t, base_answer=self.rule(base_t),
-                               expected=self.interchange(base_t, source_t),
-                               variable=self.primary, changed_positions=base_t != source_t)
+                               expected=interchange(base_t, source_t),
+                               variable=variable, changed_positions=base_t != source_t)
 
     def interchange(self, base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """The answer base would have with source's value of the primary variable: (n,).

@@ -14,7 +14,10 @@ template whose pieces do not concatenate to its whole encoding is dropped.
 
 Primary variable `output_token`. Relevant positions: both names and the repeated subject
 (S2). The counterfactual source replaces the IO name by another name (neither IO nor S),
-so the expected answer is the new name.
+so the expected answer is the new name. `counterfactuals(..., variable="output_position")`
+gives MIB's second variable: the source swaps the two first-clause names (ABBA <-> BABA),
+so it has the same IO and S with the IO at the other name position, and the expected answer
+with the source's output position is the base's name there, its subject.
 
 Measured with SmolLM2-135M-Instruct (archbench.smollm2), default config: 132 of 156 names,
 19 of 20 places, 20 of 20 objects are single tokens; length group 15 keeps 6 of its 7 templates.
@@ -172,6 +175,25 @@ class IOI(TokenizedTask):
         source = base.copy()  # (n, T)
         source[np.arange(len(base)), io_pos] = self._names[score.argmax(axis=1)]
         return source
+
+    # --- the output-position variable (MIB) ----------------------------------------------
+    def other_counterfactuals(self):
+        return {"output_position": (self._position_source, self._position_interchange)}
+
+    def _position_source(self, rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
+        """The base with its two first-clause names swapped (ABBA <-> BABA): the same IO and S,
+        the IO at the other name position."""
+        p = self._parse(torch.as_tensor(base))
+        rows, a, b = np.arange(len(base)), p["pos_A"].numpy(), p["pos_B"].numpy()  # (n,) each
+        source = base.copy()  # (n, T)
+        source[rows, a], source[rows, b] = base[rows, b], base[rows, a]
+        return source
+
+    def _position_interchange(self, base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """The answer base would give with the source's output position: base's name at the
+        position that holds the IO in the source (with swapped names, base's subject): (n,)."""
+        at = self._parse(source)["io_pos"]  # (n,)
+        return base[torch.arange(len(base)), at]
 
 
 def logit_difference(logits: torch.Tensor, task: IOI, tokens: torch.Tensor) -> torch.Tensor:
