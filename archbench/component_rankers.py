@@ -44,6 +44,7 @@ from archbench.iit import Alignment
 from archbench.localisation import patching_scores, probe_scores
 from archbench.technique_helpers import answer_prediction, class_index, one_hot, primary_value
 from archbench.techniques.sae import match_latents, train_topk_sae
+from archbench.techniques.steering import steering_and_random
 from archbench.techniques.tuned_lens import apply_affine, fit_affine
 
 
@@ -90,10 +91,8 @@ def attribution_scores(adapter, task, seed: int, alignment: Alignment, n_pairs: 
 
         logits = adapter.run(pairs.base, interventions={name: take}, grad=True).logits[:, -1]  # (n, V)
         diff = (logits[rows, pairs.expected] - logits[rows, pairs.base_answer]).sum()
-        if not diff.requires_grad:  # the output does not depend on this component at all
-            scores[name] = 0.0
-            continue
-        (grad,) = torch.autograd.grad(diff, leaf["act"], allow_unused=True)  # (n, T, *f)
+        # (n, T, *f); None where the output does not depend on this component at all
+        grad = torch.autograd.grad(diff, leaf["act"], allow_unused=True)[0] if diff.requires_grad else None
         if grad is None:
             scores[name] = 0.0
             continue
@@ -109,8 +108,9 @@ def steering_scores(adapter, task, seed: int, alignment: Alignment, n_train: int
     on test pairs whose answer the change alters and whose base the model answers correctly."""
     at, names = alignment.position, list(alignment.candidates)
     train = task.sample(n_train, seed, "train")
-    classes = torch.unique(_value(task, train.tokens))  # (C,)
-    y = class_index(_value(task, train.tokens), classes)  # (N,)
+    train_values = primary_value(train.latents, task).contiguous()  # (N,)
+    classes = torch.unique(train_values)  # (C,)
+    y = class_index(train_values, classes)  # (N,)
     pairs = task.counterfactuals(n_pairs, seed, "test")
     u, v = class_index(_value(task, pairs.base), classes), class_index(_value(task, pairs.source), classes)
     correct = answer_prediction(adapter.run(pairs.base).logits[:, -1], task) == pairs.base_answer  # (n,)
@@ -124,11 +124,7 @@ def steering_scores(adapter, task, seed: int, alignment: Alignment, n_train: int
     scores = {}
     for name in names:
         x = acts[name][:, at].flatten(1).float()  # (N, F)
-        mu = torch.zeros(len(classes), x.shape[1]).index_add_(0, y, x) / counts  # (C, F)
-        vec = mu[v] - mu[u]  # (n, F)
-        rand = torch.randn(vec.shape, generator=gen)  # (n, F)
-        rand = rand / rand.norm(dim=1, keepdim=True).clamp_min(1e-12) * vec.norm(dim=1, keepdim=True)
-        both = torch.cat([vec, rand])  # (2n, F)
+        both = steering_and_random(x, y, counts, u, v, gen)  # (2n, F)
 
         def add(act, spec, both=both):
             act = act.clone()

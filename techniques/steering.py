@@ -55,6 +55,18 @@ from archbench.technique_helpers import (REPRESENTATION_ROLES, answer_prediction
                                          primary_value)
 
 
+def steering_and_random(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                        gen: torch.Generator) -> torch.Tensor:
+    """Per pair, the difference-of-means vector from class u to class v of the activations x
+    (N, F) labelled y (N,) (class sizes `counts` (C, 1)), then a random direction of the same
+    norm drawn from `gen`: (2n, F), steering vectors first."""
+    mu = torch.zeros(len(counts), x.shape[1]).index_add_(0, y, x) / counts  # (C, F)
+    vec = mu[v] - mu[u]  # (n, F) steering vector per pair
+    rand = torch.randn(vec.shape, generator=gen)  # (n, F)
+    rand = rand / rand.norm(dim=1, keepdim=True).clamp_min(1e-12) * vec.norm(dim=1, keepdim=True)
+    return torch.cat([vec, rand])  # (2n, F)
+
+
 class Steering(Technique):
     name = "steering"
     version = 2  # correct bases only, minus a random direction, answer tokens, scales 0.5 and 1
@@ -101,11 +113,7 @@ class Steering(Technique):
         hits, rand_hits = {}, {}  # name -> (S, n) 0/1, steered and random direction
         for name in names:
             x = acts[name][:, at].flatten(1).float()  # (N, F)
-            mu = torch.zeros(len(classes), x.shape[1]).index_add_(0, y, x) / counts_y  # (C, F)
-            vec = mu[v] - mu[u]  # (n, F) steering vector per pair
-            rand = torch.randn(vec.shape, generator=gen)  # (n, F)
-            rand = rand / rand.norm(dim=1, keepdim=True).clamp_min(1e-12) * vec.norm(dim=1, keepdim=True)
-            both = torch.cat([vec, rand])  # (2n, F): steering vectors, then random ones
+            both = steering_and_random(x, y, counts_y, u, v, gen)  # (2n, F): steering vectors, then random ones
             delta = (scales[:, None, None] * both).flatten(0, 1)  # (S*2n, F)
 
             def add(act, spec, delta=delta):
