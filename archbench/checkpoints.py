@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 ENV = "ARCHBENCH_CHECKPOINTS"
-KEYS = ("pretrained", "gguf_file", "dtype", "device", "name", "trust_remote_code")
+KEYS = ("pretrained", "gguf_file", "dtype", "device", "name", "blocks", "trust_remote_code")
 DTYPES = ("float32", "bfloat16", "float16")
 PREFIX = "hf:"
 
@@ -44,6 +44,7 @@ class Checkpoint:
     device: str = "cpu"
     name: str = ""
     trust_remote_code: bool = False
+    blocks: int | None = None  # how many evenly spaced blocks expose hook points (None: all)
 
     @property
     def arch(self) -> str:
@@ -115,9 +116,21 @@ def parse_model_args(text: str) -> Checkpoint:
     remote = fields.get("trust_remote_code", "false").lower()
     if remote not in ("true", "false"):
         raise CheckpointError(f"--model-args: trust_remote_code={remote} (true or false)")
+    blocks = fields.get("blocks")
+    if blocks is not None and not (blocks.isdigit() and int(blocks) >= 2):
+        raise CheckpointError(f"--model-args: blocks={blocks} (a number of blocks, at least 2: the first and the last)")
     name = fields.get("name") or (Path(gguf).stem if gguf else path.resolve().name)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "checkpoint"
-    return Checkpoint(str(path.resolve()), gguf, dtype, device, name, remote == "true")
+    return Checkpoint(str(path.resolve()), gguf, dtype, device, name, remote == "true",
+                      int(blocks) if blocks is not None else None)
+
+
+def spaced_blocks(n_blocks: int, wanted: int | None) -> list[int]:
+    """`wanted` evenly spaced block indices of `n_blocks`, the first and the last included
+    (every block when `wanted` is None or at least `n_blocks`)."""
+    if wanted is None or wanted >= n_blocks:
+        return list(range(n_blocks))
+    return sorted({round(i * (n_blocks - 1) / (wanted - 1)) for i in range(wanted)})
 
 
 def weights_digest(ck: Checkpoint) -> str:
@@ -167,6 +180,10 @@ def adapter_class(description: dict[str, Any]):
     hf = description["hf_config"]
     config = {**base.config_of(CONFIG_MAPPING[hf["model_type"]].from_dict(hf)),
               "source": ck.pretrained, "weights_sha256": description["digest"]}
+    if ck.blocks is not None:
+        config["hooked_blocks"] = spaced_blocks(config["n_layers"], ck.blocks)
+    hooked = config.get("hooked_blocks")
+    block_of = re.compile(r"blocks\.(\d+)\.")  # the block a hook point belongs to
 
     class CheckpointAdapter(base):
         checkpoint = ck
@@ -196,6 +213,15 @@ def adapter_class(description: dict[str, Any]):
             adapter.__class__ = cls  # the family's adapter of these weights, under this row's name
             adapter.config, adapter._specs = dict(cls.default_config), None
             return adapter.to_device(ck.device, ck.dtype)
+
+        def hooks(self):
+            """The family's hook points, less those of the blocks `blocks=` leaves out."""
+            every = super().hooks()
+            if hooked is None:
+                return every
+            keep = set(hooked)
+            return [h for h in every
+                    if not (m := block_of.match(h.spec.name)) or int(m.group(1)) in keep]
 
         def to_device(self, device: str, dtype: str):
             self.model.to(device=device, dtype=getattr(torch, dtype))

@@ -149,6 +149,9 @@ def cmd_inspect(args) -> int:
     out = adapter.run(task.sample(2, 0).tokens, cache="all")
     print(f"{arch} on {task.name} (vocab {task.vocab_size}, length {task.seq_len}); "
           f"capabilities: {', '.join(sorted(adapter.capabilities))}")
+    if adapter.config.get("hooked_blocks") is not None:
+        print(f"hook points of blocks {', '.join(map(str, adapter.config['hooked_blocks']))} of "
+              f"{adapter.config['n_layers']} (blocks=); every block runs")
     shapes = {n: tuple(t.shape) for n, t in out.cache.items()}
     rows = [[s.name, s.role, ", ".join(s.axes), str(shapes.get(s.name, "-"))] for s in adapter.hook_points()]
     print("\n".join(_table(["hook point", "role", "axes", "shape"], rows)))
@@ -615,7 +618,7 @@ def _model_flags(s) -> None:
     s.add_argument("--model", choices=["hf"], help="run a checkpoint of your own (lm-evaluation-harness's "
                    "convention): a local transformers directory or GGUF file, given by --model-args")
     s.add_argument("--model-args", metavar="ARGS", help="pretrained=DIR[,gguf_file=F][,dtype=float32|bfloat16|"
-                   "float16][,device=cpu|cuda][,name=N][,trust_remote_code=true]")
+                   "float16][,device=cpu|cuda][,name=N][,blocks=N][,trust_remote_code=true]")
 
 
 def main(argv: list[str] | None = None) -> int:

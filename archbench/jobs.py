@@ -72,7 +72,7 @@ def _scored_row(adapter, spec: RunSpec, task) -> dict[str, Any]:
     problem = integrity.nonfinite_activations(adapter, task, spec.seed)
     if problem:
         return {"status": "error", "error": f"{spec.label()}: {problem}"}
-    result = registry.technique(spec.technique)()(adapter, task, spec.seed)
+    result = registry.technique(spec.technique).for_arch(spec.arch)(adapter, task, spec.seed)
     if not result.applicable:
         return {"status": "n/a", "reason": result.reason}
     problem = integrity.nonfinite_result(result)

@@ -174,7 +174,7 @@ def cell_identity(spec: RunSpec) -> dict[str, Any]:
     technique = registry.technique(spec.technique)
     task_config, organism = organism_identity(spec.arch, spec.task, spec.seed)
     return {**asdict(spec), **library_versions(), "scoring": SCORING_VERSION,
-            "technique_version": technique.version, "technique_config": technique().config,
+            "technique_version": technique.version, "technique_config": technique.for_arch(spec.arch).config,
             "task_config": task_config, "organism": organism}
 
 

@@ -65,6 +65,12 @@ class Technique(abc.ABC):
     roles: ClassVar[frozenset[str]] = frozenset()
     capabilities: ClassVar[frozenset[str]] = frozenset()
     default_config: ClassVar[dict[str, Any]] = {}
+    # The sizes this technique runs at on a researcher's checkpoint (a `--model hf` row),
+    # merged over `default_config`. Per example a 10^8-parameter model costs about 10^4
+    # times a synthetic organism, so the synthetic sizes cost hours per cell on a CPU; the
+    # checkpoint sizes say what they trade (fewer examples: wider intervals). Empty: the
+    # default sizes everywhere.
+    checkpoint_config: ClassVar[dict[str, Any]] = {}
     # Why this technique's random-init control can score well above 0 although its score is
     # chance-corrected (a capability present at init, a floor of the estimator); the report
     # prints it beside every control mean above `report_tables.HIGH_CONTROL`.
@@ -83,6 +89,13 @@ class Technique(abc.ABC):
 
     def __init__(self, **config: Any):
         self.config = {**self.default_config, **config}
+
+    @classmethod
+    def for_arch(cls, arch: str) -> "Technique":
+        """This technique as it runs on one matrix row: `checkpoint_config` on a checkpoint's row."""
+        from archbench.checkpoints import is_checkpoint
+
+        return cls(**cls.checkpoint_config) if is_checkpoint(arch) else cls()
 
     def why_not(self, adapter, task) -> str | None:
         """The reason this technique cannot run on `adapter`, or None."""

@@ -88,6 +88,8 @@ class Attribution(Technique):
     # internal_batch_size: rows per IG forward; it bounds the memory of backward passes
     # through per-step recurrent scans (4,096 took 3 GB on Mamba)
     default_config = {"n_examples": 128, "n_steps": 16, "internal_batch_size": 512}
+    # a checkpoint's row: each step is a forward and a backward of the whole model
+    checkpoint_config = {"n_examples": 32, "n_steps": 8, "internal_batch_size": 64}
 
     def run(self, adapter, task, seed: int) -> Result:
         cfg = self.config

@@ -162,6 +162,7 @@ class CKA(Technique):
     # (about n_gram^2 / 2 numbers) for the report's architecture x architecture table;
     # n_select: train examples on which the scored site is chosen
     default_config = {"n_test": 512, "n_gram": 64, "n_select": 512}
+    checkpoint_config = {"n_test": 128, "n_select": 128}  # a checkpoint's row
     depth_value = "cka"
 
     @classmethod

@@ -86,6 +86,7 @@ class LogitLens(Technique):
     roles = frozenset({"stream"})
     capabilities = frozenset({"readout"})
     default_config = {"n_test": 512, "decodable": 0.5}
+    checkpoint_config = {"n_test": 128}  # a checkpoint's row
     depth_value = "normalised"
 
     @torch.no_grad()

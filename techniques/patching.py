@@ -10,7 +10,9 @@ and check whether the answer at the last position, decided among the task's answ
 of the primary variable). Pairs with expected == base answer are dropped (they cannot show
 an effect).
 
-Positions: every fixed activation position up to the answer's, and `"aligned"`: per pair,
+Positions: every fixed activation position up to the answer's (`positions="all"`; with
+`positions="answer"` only the answer position, as on a checkpoint's row, where every position
+of a 30-block model costs an hour a cell on a CPU), and `"aligned"`: per pair,
 the last input position the counterfactual changed (`changed_positions`; the last subject
 token when facts rewrites both name tokens, as in ROME). A fixed position p can only reach
 the share of pairs whose source differs at p or whose variable has already moved to p
@@ -69,7 +71,12 @@ class Patching(Technique):
     name = "patching"
     version = 2  # aligned positions, embedding-equivalent cells trivial, answer tokens, chance-corrected
     roles = frozenset({"stream", "state"})
+    # `positions` ("all" or "answer") is not among the defaults, so the synthetic cells keep
+    # the identity they were stored under; absent, it is "all"
     default_config = {"n_pairs": 256, "max_rows": 1024, "min_gain": 0.05}
+    # a checkpoint's row: the answer position and the aligned one (where the variable enters
+    # and where it must arrive), 64 pairs
+    checkpoint_config = {"n_pairs": 64, "positions": "answer"}
     depth_value = "normalised"
 
     @torch.no_grad()
@@ -84,17 +91,21 @@ class Patching(Technique):
         T = adapter.answer_position(base.shape[1]) + 1  # activation positions up to the answer's
         last_changed = torch.where(changed, torch.arange(t_in), -1).max(1).values  # (n,) -1: none
         has = (last_changed >= 0).nonzero()[:, 0]  # (n',) pairs with a changed input
-        labels = [*range(T), ALIGNED]  # one block of rows per label
+        positions = self.config.get("positions", "all")
+        if positions not in ("all", "answer"):
+            raise ValueError(f"patching: positions={positions!r} (all or answer)")
+        fixed = list(range(T)) if positions == "all" else [T - 1]
+        labels = [*fixed, ALIGNED]  # one block of rows per label
         names = adapter.names(list(SITE_ROLES))
         src = adapter.run(source, cache=names).cache  # name -> (n, L, *features)
 
         chunk = max(1, self.config["max_rows"] // n)  # blocks per forward
-        iia = {}  # name -> (T + 1, n) 0/1 hits, blocks in `labels` order
+        iia = {}  # name -> (len(labels), n) 0/1 hits, blocks in `labels` order
         for name in names:
             L = src[name].shape[1]
-            masks = torch.zeros(len(labels), n, L, dtype=torch.bool)  # (T+1, n, L) patch mask per row
-            masks[torch.arange(T), :, torch.arange(T)] = True  # fixed positions
-            masks[T, has, last_changed[has]] = True  # aligned: the last changed input
+            masks = torch.zeros(len(labels), n, L, dtype=torch.bool)  # (len(labels), n, L) patch mask per row
+            masks[torch.arange(len(fixed)), :, torch.tensor(fixed)] = True  # fixed positions
+            masks[len(fixed), has, last_changed[has]] = True  # aligned: the last changed input
             hits = []
             for start in range(0, len(labels), chunk):
                 m = masks[start:start + chunk]  # (P, n, L)
@@ -104,15 +115,15 @@ class Patching(Technique):
                                   interventions={name: Patch(src_rows, positions=m.flatten(0, 1))})
                 pred = answer_prediction(out.logits[:, -1], task)  # (P*n,)
                 hits.append((pred == expected.repeat(P)).float().view(P, n))  # (P, n)
-            iia[name] = torch.cat(hits)  # (T + 1, n)
+            iia[name] = torch.cat(hits)  # (len(labels), n)
 
         unpatched = float((answer_prediction(adapter.run(base).logits[:, -1], task) == expected).float().mean())
         chance = max(majority_rate(expected), unpatched)
         deepest = deepest_site(adapter, names)
         embeds = [nm for nm in names if adapter.specs[nm].role == "embed"]
-        floor = iia[embeds[0]].mean(1) if embeds else None  # (T + 1,) embedding IIA per block
-        reaches_answer = [b == T - 1 or (b == T and bool((last_changed == T - 1).any()))
-                          for b in range(len(labels))]
+        floor = iia[embeds[0]].mean(1) if embeds else None  # (len(labels),) embedding IIA per block
+        reaches_answer = [label == T - 1 or (label == ALIGNED and bool((last_changed == T - 1).any()))
+                          for label in labels]
         details = []
         for name in names:
             spec = adapter.specs[name]
@@ -132,8 +143,9 @@ class Patching(Technique):
         streams = [nm for nm in names if adapter.specs[nm].role == "stream"]
         metrics = {"chance": chance, "majority_rate": majority_rate(expected), "unpatched_iia": unpatched,
                    "n_pairs_used": n, "n_pairs_dropped": int((~keep).sum()),
-                   "last_stream_last_position_iia": float(iia[streams[-1]][T - 1].mean()) if streams else None,
-                   "embed_iia_aligned": float(floor[T]) if floor is not None else None,
+                   "last_stream_last_position_iia": float(iia[streams[-1]][labels.index(T - 1)].mean())
+                   if streams else None,
+                   "embed_iia_aligned": float(floor[-1]) if floor is not None else None,
                    "n_cells_scored": sum(not d["trivial"] for d in details)}
         scored = [d for d in details if not d["trivial"]]
         if not scored:  # nothing beyond the input token carries the variable

@@ -238,6 +238,7 @@ class Probe(Technique):
     # n_controls: independent control-task maps, averaged.
     default_config = {"n_train": 1024, "n_val": 512, "n_test": 512, "width": 256,
                       "ridges": (1e-3, 1e-2, 1e-1, 1.0, 10.0), "tolerance": 0.01, "n_controls": 8}
+    checkpoint_config = {"n_train": 512, "n_val": 128, "n_test": 128}  # a checkpoint's row
     depth_value = "selectivity"
 
     @torch.no_grad()

@@ -56,6 +56,7 @@ class TunedLens(Technique):
     version = 2  # answer tokens only, chance-corrected
     roles = frozenset({"stream"})
     default_config = {"n_train": 2048, "n_test": 512, "ridge": 1e-3, "decodable": 0.5}
+    checkpoint_config = {"n_train": 256, "n_test": 128}  # a checkpoint's row
     depth_value = "normalised"
 
     @torch.no_grad()

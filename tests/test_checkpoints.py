@@ -69,6 +69,28 @@ def test_model_args_name_dtype_and_device(tmp_path):
         checkpoints.parse_model_args(f"pretrained={tmp_path / 'empty'}")
 
 
+def test_blocks_offers_the_hook_points_of_evenly_spaced_blocks_first_and_last_included(tmp_path):
+    assert checkpoints.spaced_blocks(30, 8) == [0, 4, 8, 12, 17, 21, 25, 29]
+    assert checkpoints.spaced_blocks(3, 8) == [0, 1, 2] and checkpoints.spaced_blocks(5, None) == [0, 1, 2, 3, 4]
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=5,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "five")
+    every = registry.adapter(checkpoints.register(checkpoints.parse_model_args(
+        f"pretrained={tmp_path / 'five'},name=every"))).pretrained()
+    some = registry.adapter(checkpoints.register(checkpoints.parse_model_args(
+        f"pretrained={tmp_path / 'five'},name=some,blocks=3"))).pretrained()
+    assert some.config["hooked_blocks"] == [0, 2, 4] and "hooked_blocks" not in every.config
+    assert some.names("stream") == ["blocks.0.resid_post", "blocks.2.resid_post", "blocks.4.resid_post"]
+    assert len(every.names("mixer")) == 5 and some.names("mixer") == ["blocks.0.attn.out", "blocks.2.attn.out",
+                                                                      "blocks.4.attn.out"]
+    assert {"embed", "logits"} <= set(some.specs)  # hook points outside the blocks stay
+    tokens = torch.randint(64, (2, 6))
+    torch.testing.assert_close(some.run(tokens).logits, every.run(tokens).logits)  # every block still runs
+    with pytest.raises(checkpoints.CheckpointError, match="blocks=1"):
+        checkpoints.parse_model_args(f"pretrained={tmp_path / 'five'},blocks=1")
+
+
 @pytest.mark.parametrize("argv", [
     ["run", "--matrix", "--model", "hf"],
     ["run", "--matrix", "--model-args", "pretrained=."],

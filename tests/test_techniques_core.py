@@ -153,6 +153,30 @@ def test_patching_localises_the_sum(task):
     assert r.metrics["n_pairs_used"] == 128 and r.metrics["last_stream_last_position_iia"] == 1.0
 
 
+def test_patching_at_the_answer_position_is_the_full_sweep_s_cells_there(task):
+    """positions="answer" (a checkpoint's row) patches the answer position and the aligned one
+    only, and each of those cells has exactly the IIA the full sweep gives it."""
+    torch.manual_seed(0)
+    full = Patching(n_pairs=64)(HandBuilt.for_task(task, 0), task, 0)
+    torch.manual_seed(0)
+    answer = Patching(n_pairs=64, positions="answer")(HandBuilt.for_task(task, 0), task, 0)
+    last = task.seq_len - 1
+    cells = {(d["site"], d["position"]): (d["iia"], d["trivial_reason"]) for d in answer.details}
+    assert set(cells) == {(site, pos) for site in ("embed", "blocks.0.out", "blocks.1.out") for pos in (last, "aligned")}
+    assert cells == {k: v for k, v in {(d["site"], d["position"]): (d["iia"], d["trivial_reason"])
+                                       for d in full.details}.items() if k in cells}
+    assert answer.metrics["last_stream_last_position_iia"] == full.metrics["last_stream_last_position_iia"] == 1.0
+    assert answer.metrics["embed_iia_aligned"] == full.metrics["embed_iia_aligned"] == 1.0
+    with pytest.raises(ValueError, match="positions='every'"):
+        Patching(n_pairs=8, positions="every")(HandBuilt.for_task(task, 0), task, 0)
+
+
+def test_a_checkpoint_row_runs_each_technique_at_its_checkpoint_sizes():
+    assert Patching.for_arch("hf:smol").config == {**Patching.default_config, **Patching.checkpoint_config}
+    assert Patching.for_arch("transformer").config == Patching.default_config
+    assert "positions" not in Patching.default_config  # the synthetic cells keep their stored identity
+
+
 def test_patching_drops_pairs_that_cannot_show_an_effect():
     torch.manual_seed(0)
     task = HalfNullModAdd(p=23)
