@@ -124,7 +124,7 @@ class Ablation(Technique):
     default_config = {"n_train": 256, "n_test": 512, "max_rows": 8192, "random_subsets": 16,
                       "max_points": 16}
     # a checkpoint's row: every component costs a forward per example and per ablation
-    checkpoint_config = {"n_train": 64, "n_test": 64, "random_subsets": 4, "max_points": 8}
+    checkpoint_config = {"n_train": 32, "n_test": 32, "random_subsets": 2, "max_points": 8}
     depth_value = "mean_effect"  # accuracy drop when the component alone is mean-ablated
 
     @torch.no_grad()

@@ -72,7 +72,7 @@ class Steering(Technique):
     version = 2  # correct bases only, minus a random direction, answer tokens, scales 0.5 and 1
     roles = frozenset(REPRESENTATION_ROLES)
     default_config = {"n_train": 1024, "n_pairs": 256, "scales": (0.5, 1.0)}
-    checkpoint_config = {"n_train": 256, "n_pairs": 64}  # a checkpoint's row
+    checkpoint_config = {"n_train": 128, "n_pairs": 32}  # a checkpoint's row
     depth_value = "normalised"
 
     @torch.no_grad()
