@@ -116,7 +116,8 @@ def resolve(kind: str, name: str) -> str:
 
 def get(kind: str, name: str) -> Any:
     """The registered class for `name`, importing its module on first use."""
-    target = _table(kind)[resolve(kind, name)]
+    name = resolve(kind, name)  # first: it loads plugins and the driver's checkpoints into the table
+    target = _table(kind)[name]
     if isinstance(target, str):
         module, _, attr = target.partition(":")
         try:

@@ -69,6 +69,16 @@ def test_model_args_name_dtype_and_device(tmp_path):
         checkpoints.parse_model_args(f"pretrained={tmp_path / 'empty'}")
 
 
+def test_a_fresh_worker_resolves_the_driver_s_checkpoint_on_its_first_lookup(tmp_path, monkeypatch):
+    """A worker process starts with an empty registry; its first lookup of `hf:NAME` loads the
+    driver's description from the environment (the table is read after that, not before)."""
+    arch = checkpoints.register(checkpoints.parse_model_args(
+        f"pretrained={_tiny_llama(tmp_path / 'tiny', vocab=64, with_tokenizer=False)},name=tiny"))
+    del registry._extra["adapters"][arch]  # what a fresh worker process has
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    assert registry.adapter(arch).checkpoint.name == "tiny"
+
+
 def test_blocks_offers_the_hook_points_of_evenly_spaced_blocks_first_and_last_included(tmp_path):
     assert checkpoints.spaced_blocks(30, 8) == [0, 4, 8, 12, 17, 21, 25, 29]
     assert checkpoints.spaced_blocks(3, 8) == [0, 1, 2] and checkpoints.spaced_blocks(5, None) == [0, 1, 2, 3, 4]
