@@ -146,6 +146,26 @@ def test_facts_nl_known_by_keeps_the_facts_answered_right(tasks):
     assert kept <= set(map(tuple, task.all_inputs().tolist()))
 
 
+def test_facts_nl_a_relation_with_one_known_object_pairs_its_bases_with_themselves(tasks):
+    """A checkpoint that knows one fact of a relation leaves no subject that changes the answer:
+    those bases are their own sources (expected == base answer, dropped by the techniques)."""
+    task = tasks["facts_nl"]
+    by_relation = {}
+    for key in task._keys:
+        by_relation.setdefault(key.split("/")[0], []).append(key)
+    lone, pair = sorted((r for r, keys in by_relation.items() if len(keys) >= 2), key=lambda r: -len(by_relation[r]))[:2]
+    only = by_relation[lone][:1] + by_relation[pair][:6]
+    known = type(task)(task._tokenizer, pad=task.pad, only=tuple(only), known_model="one-of-a-relation")
+    lone_relation = int(known._relation[known._keys.index(only[0])])
+    split = next(sp for sp in ("train", "val", "test")  # a split that holds a prompt of the lone fact
+                 if bool((known.latents(known.sample(256, 0, sp).tokens)["relation"] == lone_relation).any()))
+    cf = known.counterfactuals(64, 0, split)
+    alone = known.latents(cf.base)["relation"] == lone_relation  # (64,)
+    assert bool(alone.any()) and bool((~alone).any())
+    assert torch.equal(cf.source[alone], cf.base[alone]) and torch.equal(cf.expected[alone], cf.base_answer[alone])
+    assert bool((cf.expected[~alone] != cf.base_answer[~alone]).all())
+
+
 def test_greater_than_by_hand(tasks, tokenizer):
     task = tasks["greater_than"]
     assert task.digits == 1 and task.n_nouns == 30 and task.seq_len == 18
