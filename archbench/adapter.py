@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from archbench import feature_groups
 from archbench.hooks import HookSpec, InterventionLike, ROLES, StateHookPoint
 
 # Capabilities an adapter may declare; techniques list the ones they need.
@@ -216,28 +217,34 @@ class Adapter(abc.ABC):
         if isinstance(names_or_roles, str):
             names_or_roles = [names_or_roles]
         wanted = set(names_or_roles)
-        unknown = wanted - set(self.specs) - set(ROLES) - {"all"}
+        groups = [n for n in dict.fromkeys(names_or_roles) if feature_groups.parse(n) is not None]
+        unknown = wanted - set(self.specs) - set(ROLES) - {"all"} - set(groups)
+        unknown |= {n for n in groups if feature_groups.spec(self.specs, n) is None}
         if unknown:
             raise KeyError(f"{self.family} has no hook point or role {sorted(unknown)}")
-        return [n for n, s in self.specs.items() if "all" in wanted or n in wanted or s.role in wanted]
+        named = [n for n, s in self.specs.items() if "all" in wanted or n in wanted or s.role in wanted]
+        return named + groups  # feature groups (`name[a:b]`, archbench.feature_groups) as given
 
     def run(self, tokens: torch.Tensor, cache: Iterable[str] | str | None = None,
             interventions: Mapping[str, InterventionLike] | None = None,
             grad: bool = False) -> RunOutput:
         """Forward with activations cached (after any intervention) and interventions applied.
 
-        `cache` takes hook names and/or roles. With no cache and no interventions this is
+        `cache` takes hook names and/or roles, and both take feature groups `name[a:b]`
+        (`archbench.feature_groups`). With no cache and no interventions this is
         exactly `forward(tokens)`. Gradients flow only when `grad=True` (adapters with the
         `gradients` capability). A cached `StateHookPoint` whose scan reran after an edit
         holds the states the scan actually used.
         """
         if grad and "gradients" not in self.capabilities:
             raise ValueError(f"{self.family} has no gradients (it lacks the 'gradients' capability)")
-        cache_names = set(self.names(cache))
+        requested = self.names(cache)
+        cache_names = {feature_groups.base_name(n) for n in requested}
         interventions = dict(interventions or {})
-        missing = set(interventions) - set(self.specs)
+        missing = {n for n in interventions if feature_groups.spec(self.specs, n) is None}
         if missing:
             raise KeyError(f"{self.family} has no hook point {sorted(missing)}")
+        interventions = feature_groups.merge(interventions, self.specs)  # keyed by hook point
         store: dict[str, torch.Tensor] = {}
         sites = self.sites()
         handles = []
@@ -258,7 +265,8 @@ class Adapter(abc.ABC):
             for name in cache_names | set(interventions):
                 if isinstance(sites[name].module, StateHookPoint):
                     sites[name].module.used = None
-        return RunOutput(logits=logits, cache={n: store[n] for n in self.names(cache) if n in store})
+        return RunOutput(logits=logits, cache={n: feature_groups.select(store[feature_groups.base_name(n)], n)
+                                               for n in requested if feature_groups.base_name(n) in store})
 
     @staticmethod
     def _attach(site: Site, spec: HookSpec, intervention, store, grad: bool):

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from archbench import feature_groups
 from archbench.adapter import Adapter
 from archbench.hooks import Patch
 from archbench.technique_helpers import answer_prediction
@@ -42,7 +43,8 @@ DEFAULT_IIT = {"w_iit": 1.0, "w_strict": 1.0, "n_pairs": 4096, "n_val_pairs": 25
 @dataclass(frozen=True)
 class Alignment:
     """Where the primary variable must live: one designated component at one position,
-    among candidates (every component of the same roles at that position, designated included)."""
+    among candidates (every component of the same roles at that position, designated included).
+    A component is a hook point or a feature group of one (`name[a:b]`, archbench.feature_groups)."""
 
     designated: str
     candidates: tuple[str, ...]
@@ -57,7 +59,7 @@ class Alignment:
         if self.designated not in self.candidates:
             raise ValueError(f"designated site {self.designated} is not among the candidates")
         for name in self.candidates:
-            spec = adapter.specs.get(name)
+            spec = feature_groups.spec(adapter.specs, name)  # a hook point or a feature group of one
             if spec is None:
                 raise ValueError(f"{adapter.family} has no hook point {name}")
             if spec.role not in COMPONENT_ROLES:

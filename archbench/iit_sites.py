@@ -18,12 +18,33 @@ together with strict training of the components after it on tasks such as modadd
 variable needs an MLP after the attention that gathers a and b: patching that MLP from the
 source would then change the answer. Candidate roles are `mixer` and `mlp` (components that
 do not overlap: MoE experts sit inside their block's `mlp`, and a recurrent `state` feeds
-its own block's mixer). Families whose training cannot shape an inner representation, or
-that have no component hook points, are in `NOT_APPLICABLE` with the reason.
+its own block's mixer). Families whose training cannot shape an inner representation are in
+`NOT_APPLICABLE` with the reason.
+
+Two families have no token mixer and one hook point per layer for their components, so
+their designated component is a *feature group* (`archbench.feature_groups`), group 0 of
+`GROUPED`'s equal groups of one hook point, and the candidates are that hook point's groups:
+
+- KAN: the first layer's edges into hidden nodes 0-3 of 16 (`blocks.0.edges[0:4]`). The
+  first layer is where every input reaches the hidden nodes, so a group of hidden nodes is
+  the component through which the variable can be computed while the other groups carry
+  none of it. The output layer's edges are not candidates: they read every hidden node,
+  so those from the designated group carry its variable forward by construction, as a
+  later stream site does.
+- spiking: the last layer's membrane, neurons 0-15 of 64 (`blocks.{last}.mem[0:16]`), at
+  the answer step, which the readout reads. Earlier layers' membranes are not candidates:
+  one edited at the answer step cannot change the answer (its spikes at that step fired
+  before the edit and there is no later step), so they would be inert without training and
+  would make every ranking easier by construction.
 """
 
 from __future__ import annotations
 
+import re
+
+import torch
+
+from archbench import feature_groups
 from archbench.iit import Alignment
 
 CANDIDATE_ROLES = ("mixer", "mlp")
@@ -40,19 +61,35 @@ DESIGNATED: dict[str, dict[str, str]] = {
     "diffusion": {"*": "blocks.{last}.attn.out"},
 }
 
+# family -> (hook name template, number of equal feature groups); group 0 is designated
+GROUPED: dict[str, tuple[str, int]] = {
+    "kan": ("blocks.0.edges", 4),
+    "spiking": ("blocks.{last}.mem", 4),
+}
+
 NOT_APPLICABLE: dict[str, str] = {
     "reservoir": "only the linear readout is trained (ridge regression): no training can shape the reservoir",
     "nvar": "only the linear readout is trained (ridge regression): the features are fixed by construction",
-    "spiking": "no component hook points (mixer or mlp) to designate",
-    "kan": "one component role only (edges) and no token mixer to route the variable through",
 }
 
 
 def why_not(family: str) -> str | None:
     """Why a family has no known-answer organisms (None if it has)."""
-    if family in DESIGNATED:
+    if family in DESIGNATED or family in GROUPED:
         return None
     return NOT_APPLICABLE.get(family, f"no designated site is chosen for {family}")
+
+
+def _grouped(adapter, task) -> Alignment:
+    """Group 0 of `GROUPED`'s hook point, among all its groups, at the answer position."""
+    template, n_groups = GROUPED[adapter.family]
+    pattern = re.compile(template.replace(".", r"\.").format(last=r"(\d+)"))
+    layers = [int(m.group(1)) if m.groups() else 0 for m in map(pattern.fullmatch, adapter.specs) if m]
+    name = template.format(last=max(layers))
+    probe = torch.zeros(1, task.seq_len, dtype=torch.long)  # (1, T): only the activation's shape is read
+    n_features = adapter.run(probe, cache=[name]).cache[name].shape[2]
+    groups = tuple(feature_groups.split(name, n_features, n_groups))
+    return Alignment(designated=groups[0], candidates=groups, position=adapter.answer_position(task.seq_len))
 
 
 def alignment(adapter, task) -> Alignment:
@@ -60,6 +97,10 @@ def alignment(adapter, task) -> Alignment:
     reason = why_not(adapter.family)
     if reason:
         raise ValueError(f"{adapter.family}: {reason}")
+    if adapter.family in GROUPED:
+        found = _grouped(adapter, task)
+        found.check(adapter)
+        return found
     table = DESIGNATED[adapter.family]
     template = table.get(task.name, table["*"])
     components = [s for s in adapter.specs.values() if s.role in CANDIDATE_ROLES]

@@ -45,8 +45,17 @@ N_EVAL_PAIRS = 256
 # MoE's strict weight is 4: at 1 its metric sat flat at 0.79 over the last 600 of 4,000 steps
 # on count (the last MoE MLP changing 0.270 of answers); at 4 count passes at 1,400 steps
 # (behaviour 1.000, IIA 0.988, largest other change 0.000).
+# Spiking likewise: at its 2,000-step cap and strict weight 1, count missed (IIA 0.805, another
+# neuron group changing 0.113 of answers); 4,000 steps at weight 1 reached 0.990 at step 3,800
+# and fell to 0.729 by 4,000 (IIA 0.797); 4,000 steps at weight 4 pass (behaviour 0.996, IIA
+# 0.949, largest other change 0.000).
+# KAN trains 3,000 steps: at its 1,500 cap seed 2 of count missed (IIA 0.574, node group
+# 8-11 changing 0.293 of answers); strict weight 4 made it worse (IIA 0.023, the count held
+# in group 8-11); 3,000 steps at weight 1 pass (behaviour 1.000, IIA 0.949, other 0.008).
 IIT_TRAIN: dict[str, dict[str, Any]] = {"*": {"grad_clip": 1.0, "plateau_steps": None},
-                                        "moe": {"steps": 4000, "w_strict": 4.0}}
+                                        "kan": {"steps": 3000},
+                                        "moe": {"steps": 4000, "w_strict": 4.0},
+                                        "spiking": {"steps": 4000, "w_strict": 4.0}}
 
 
 def iit_config(arch: str, task) -> dict[str, Any]:

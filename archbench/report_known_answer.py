@@ -47,7 +47,8 @@ def behaviour(loc: pd.DataFrame, reference: str) -> Table:
         rows.append(row)
     note = ("Organisms trained by strict interchange intervention training (Geiger et al. 2022; Gupta et al. "
             "2024) to hold the task's primary variable at one designated component (the last block's token "
-            "mixer at the answer position). Per cell: held-out accuracy (mean over seeds) · IIA at the designated "
+            "mixer at the answer position; KAN: the first layer's edges into hidden nodes 0-3 of 16; spiking: the "
+            "last layer's membrane neurons 0-15 of 64 at the answer step). Per cell: held-out accuracy (mean over seeds) · IIA at the designated "
             "component (mean) · the largest fraction of answers another candidate changes when patched alone "
             "(max over seeds) · organisms passing the gate (behaviour ≥ 0.9, IIA ≥ 0.9, other ≤ 0.10) / built. "
             "Only organisms that pass are scored below.")
@@ -80,7 +81,8 @@ def localisation(loc: pd.DataFrame, reference: str, settings: verdict.Settings) 
         rows.append(row)
     header = ["technique"] + [f"{a} (n={n_cand[a]}, chance {chance_mrr(n_cand[a]):.2f})" for a in archs]
     note = ("Does the technique find where the variable is? Per cell: mean reciprocal rank (MRR) of the designated "
-            "component among the n candidate components at the answer position (every mixer and MLP output there), "
+            "component among the n candidate components at the answer position (every mixer and MLP output there; KAN and spiking: the four equal "
+            "feature groups of the designated component's hook point), "
             "over the known-answer organisms that pass their gate (tasks × seeds), with its 95% t-interval over "
             "those organisms (blank with one); the same on their random-init controls; how many organisms rank it "
             "first. Ties count against the designated component. Chance: the expected MRR of a random order, H(n)/n. "
