@@ -21,9 +21,9 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
-# model_type -> archbench adapter name. Only classes an adapter loads as they are: qwen2
-# (attention biases) and mistral (sliding window) have classes of their own, not Llama's.
-FAMILIES = {"llama": "transformer", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "mixtral": "moe",
+# model_type -> archbench adapter name. Only classes an adapter loads as they are: mistral
+# (sliding window) has a class of its own, not Llama's.
+FAMILIES = {"llama": "transformer", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "qwen2": "qwen2", "mixtral": "moe",
             "mamba": "mamba", "mamba2": "mamba2", "rwkv": "rwkv"}
 
 

@@ -22,6 +22,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "moe": "archbench.adapters.moe:MoEAdapter",
         "gpt2": "archbench.adapters.gpt2:GPT2Adapter",
         "gpt_neox": "archbench.adapters.gpt_neox:GPTNeoXAdapter",
+        "qwen2": "archbench.adapters.qwen2:Qwen2Adapter",
         "looped": "archbench.adapters.looped:LoopedAdapter",
         "mamba": "archbench.adapters.mamba:MambaAdapter",
         "mamba2": "archbench.adapters.mamba2:Mamba2Adapter",
