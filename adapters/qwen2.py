@@ -12,8 +12,9 @@ has no bias).
 `from_pretrained` loads strictly (`archbench.hf_checkpoint.load_strict`) and refuses a
 checkpoint with `use_sliding_window=True`: archbench's eager attention applies the causal
 mask only, so a windowed model would be run with full attention, a silently wrong forward.
-`organisms = False`: archbench trains no Qwen2 organisms; `build_model` rebuilds a
-checkpoint's architecture at random init from its config, for a seeded control.
+`organisms = False`: archbench trains no Qwen2 organisms; the reference adapter's
+`build_model` rebuilds a checkpoint's architecture at random init from its config (Qwen2's
+default `use_sliding_window=False` for a tiny one), for a seeded control.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
-from archbench import hf_attention
 from archbench.adapters.transformer import TransformerAdapter
 
 
 class Qwen2Adapter(TransformerAdapter):
-    hf_model_class = Qwen2ForCausalLM
+    hf_model_class = Qwen2ForCausalLM  # the reference adapter builds and prepares from these two
+    hf_attention_class = Qwen2Attention
     family = "qwen2"
     organisms = False  # wraps users' checkpoints; `archbench run --matrix` leaves it out
 
@@ -40,20 +41,3 @@ class Qwen2Adapter(TransformerAdapter):
             raise ValueError(f"checkpoint {path}: use_sliding_window=True; archbench's attention has no sliding "
                              "window, so this Qwen2 checkpoint would run with full attention")
         return adapter
-
-    @classmethod
-    def build_model(cls, config: dict[str, Any]) -> Qwen2ForCausalLM:
-        if "hf_config" in config:  # a checkpoint's own config (its random-init control)
-            return cls._prepare(Qwen2ForCausalLM(Qwen2Config.from_dict(config["hf_config"])))
-        hf = Qwen2Config(vocab_size=config["vocab_size"], max_position_embeddings=config["seq_len"],
-                         hidden_size=config["d_model"], intermediate_size=config["d_mlp"],
-                         num_hidden_layers=config["n_layers"], num_attention_heads=config["n_heads"],
-                         num_key_value_heads=config["n_heads"], tie_word_embeddings=False,
-                         use_sliding_window=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-        return cls._prepare(Qwen2ForCausalLM(hf))
-
-    @staticmethod
-    def _prepare(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
-        model.config._attn_implementation = hf_attention.NAME
-        hf_attention.install(model, Qwen2Attention)
-        return model.eval()

@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from archbench import hf_attention, hf_norm
@@ -61,7 +61,8 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
 
 
 class TransformerAdapter(FromPretrained, TLAliases, Adapter):
-    hf_model_class = LlamaForCausalLM
+    hf_model_class = LlamaForCausalLM  # its `config_class` builds the tiny config; a subclass swaps both
+    hf_attention_class = LlamaAttention  # the modules archbench's editable attention is installed on
     family = "transformer"
     capabilities = frozenset({"gradients", "trainable", "attention", "readout"})
     default_config = {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_mlp": 128}
@@ -79,19 +80,20 @@ class TransformerAdapter(FromPretrained, TLAliases, Adapter):
 
     @classmethod
     def build_model(cls, config: dict[str, Any]) -> LlamaForCausalLM:
+        config_class = cls.hf_model_class.config_class  # LlamaConfig here
         if "hf_config" in config:  # a checkpoint's own config (its random-init control)
-            return cls._prepare(LlamaForCausalLM(LlamaConfig.from_dict(config["hf_config"])))
-        hf = LlamaConfig(vocab_size=config["vocab_size"], max_position_embeddings=config["seq_len"],
-                         hidden_size=config["d_model"], intermediate_size=config["d_mlp"],
-                         num_hidden_layers=config["n_layers"], num_attention_heads=config["n_heads"],
-                         num_key_value_heads=config["n_heads"], tie_word_embeddings=False,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
-        return cls._prepare(LlamaForCausalLM(hf))
+            return cls._prepare(cls.hf_model_class(config_class.from_dict(config["hf_config"])))
+        hf = config_class(vocab_size=config["vocab_size"], max_position_embeddings=config["seq_len"],
+                          hidden_size=config["d_model"], intermediate_size=config["d_mlp"],
+                          num_hidden_layers=config["n_layers"], num_attention_heads=config["n_heads"],
+                          num_key_value_heads=config["n_heads"], tie_word_embeddings=False,
+                          bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        return cls._prepare(cls.hf_model_class(hf))
 
-    @staticmethod
-    def _prepare(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    @classmethod
+    def _prepare(cls, model: LlamaForCausalLM) -> LlamaForCausalLM:
         model.config._attn_implementation = hf_attention.NAME
-        hf_attention.install(model, LlamaAttention)
+        hf_attention.install(model, cls.hf_attention_class)
         return model.eval()
 
     @staticmethod
