@@ -33,6 +33,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "spiking": "archbench.adapters.spiking:SpikingAdapter",
         "reservoir": "archbench.adapters.reservoir:ReservoirAdapter",
         "nvar": "archbench.adapters.nvar:NVARAdapter",
+        "gru": "archbench.adapters.gru:GRUAdapter",
     },
     "techniques": {
         "probe": "archbench.techniques.probe:Probe",
