@@ -34,6 +34,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "reservoir": "archbench.adapters.reservoir:ReservoirAdapter",
         "nvar": "archbench.adapters.nvar:NVARAdapter",
         "gru": "archbench.adapters.gru:GRUAdapter",
+        "aaren": "archbench.adapters.aaren:AarenAdapter",
     },
     "techniques": {
         "probe": "archbench.techniques.probe:Probe",
