@@ -198,6 +198,14 @@ class Adapter(abc.ABC):
         """
         return seq_len - 1
 
+    def describe(self) -> dict[str, Any]:
+        """What an organism's metadata records about this model beyond its training report.
+
+        Empty for weight-trained families; a family whose mechanism is readable as text
+        (the program family: its program) returns it here, and `archbench inspect` prints it.
+        """
+        return {}
+
     def decode(self, stream: torch.Tensor) -> torch.Tensor:
         """Apply the final readout to a stream activation: (batch, pos, d) -> (batch, pos, vocab)."""
         raise NotImplementedError(f"{self.family} has no readout usable on intermediate sites")

@@ -91,6 +91,7 @@ def _checked(parse, ok, wanted: str):
 
 _positive = _checked(int, lambda n: n >= 1, "a positive integer")
 _seed_count = _checked(int, lambda n: 1 <= n <= MAX_SEEDS, f"a number of seeds from 1 to {MAX_SEEDS}")
+_seed = _checked(int, lambda n: 0 <= n < MAX_SEEDS, f"a seed from 0 to {MAX_SEEDS - 1}")
 _fraction = _checked(float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
 _amount = _checked(float, lambda x: x >= 0, "a number >= 0")
 
@@ -141,14 +142,29 @@ def cmd_inspect(args) -> int:
         raise UsageError("name an architecture (`archbench inspect transformer`) or a checkpoint (--model hf)")
     arch = checkpoint or _names("adapters", args.arch)[0]
     task_name = _tasks(args.task, checkpoint)[0] if args.task else "ioi" if checkpoint else "recall"
+    seed = getattr(args, "organism", None)
+    if seed is not None and checkpoint:
+        raise UsageError("--organism is for a family's trained organisms; a checkpoint is inspected as it is")
     try:
         task = checkpoints.task(arch, task_name)
-        adapter = checkpoints.loaded(arch) if checkpoint else registry.adapter(arch).for_task(task, seed=0)
+        if checkpoint:
+            adapter = checkpoints.loaded(arch)
+        elif seed is not None:
+            from archbench import zoo
+
+            adapter, meta = zoo.organism(arch, task, seed)
+            print(f"organism {meta['organism']}: held-out accuracy {meta['accuracy']:.3f} "
+                  f"({meta['steps']} steps, stopped: {meta.get('stopped', '?')})")
+        else:
+            adapter = registry.adapter(arch).for_task(task, seed=0)
     except checkpoints.CheckpointError as exc:
         raise UsageError(str(exc)) from None
     out = adapter.run(task.sample(2, 0).tokens, cache="all")
     print(f"{arch} on {task.name} (vocab {task.vocab_size}, length {task.seq_len}); "
           f"capabilities: {', '.join(sorted(adapter.capabilities))}")
+    for key, value in adapter.describe().items():  # e.g. the program family's program text
+        what = "trained organism" if seed is not None else "random-init model (--organism SEED: a trained one)"
+        print(f"{key} of the {what}:\n" + "\n".join(f"  {line}" for line in str(value).splitlines()))
     if adapter.config.get("hooked_blocks") is not None:
         print(f"hook points of blocks {', '.join(map(str, adapter.config['hooked_blocks']))} of "
               f"{adapter.config['n_layers']} (blocks=); every block runs")
@@ -522,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="the hook points of an architecture (names, roles, axes, shapes)")
     s.add_argument("arch", nargs="?", help="an adapter (or leave it out and give --model)")
     s.add_argument("--task", help="task that sizes the model (default: recall; ioi for a checkpoint)")
+    s.add_argument("--organism", type=_seed, metavar="SEED",
+                   help="inspect the trained organism of this seed (from the zoo; trained if not cached) "
+                        "instead of a random-init model")
     _model_flags(s)
     s.set_defaults(fn=cmd_inspect)
 

@@ -197,7 +197,7 @@ def organism(arch: str, task, seed: int, no_retrain: bool = False):
         report = adapter.fit(task, seed)
     meta = {**asdict(report), "arch": arch, "task": task.name, "seed": seed,
             "task_config": task.config(), "organism": organism_id(arch, task, seed),
-            "archbench": __version__, "torch": torch.__version__}
+            "archbench": __version__, "torch": torch.__version__, **adapter.describe()}
     return adapter, _write(path, adapter, meta)
 
 
