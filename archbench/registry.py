@@ -35,6 +35,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "nvar": "archbench.adapters.nvar:NVARAdapter",
         "gru": "archbench.adapters.gru:GRUAdapter",
         "aaren": "archbench.adapters.aaren:AarenAdapter",
+        "program": "archbench.adapters.program:ProgramAdapter",
     },
     "techniques": {
         "probe": "archbench.techniques.probe:Probe",

@@ -161,3 +161,15 @@ def test_an_unreachable_ray_cluster_is_one_line_not_a_hang(tmp_path, monkeypatch
                  "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no Ray cluster at 127.0.0.1:1" in err
+
+
+def test_inspect_organism_prints_the_trained_program(tmp_path, monkeypatch, capsys):
+    """The program family's organism is its program: `inspect --organism` searches (or loads)
+    it and prints its text and hook points; the random-init model's program is printed as such."""
+    monkeypatch.setenv("ARCHBENCH_CACHE", str(tmp_path))
+    assert main(["inspect", "program", "--task", "count", "--organism", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy 1.000" in out and "program of the trained organism:" in out
+    assert "% 4" in out and "stmt.0.acc0" in out  # the running count mod 4 and its loop state
+    assert main(["inspect", "program", "--task", "count"]) == 0
+    assert "program of the random-init model" in capsys.readouterr().out
