@@ -36,6 +36,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "gru": "archbench.adapters.gru:GRUAdapter",
         "aaren": "archbench.adapters.aaren:AarenAdapter",
         "program": "archbench.adapters.program:ProgramAdapter",
+        "xlstm": "archbench.adapters.xlstm:XLSTMAdapter",
     },
     "techniques": {
         "probe": "archbench.techniques.probe:Probe",
