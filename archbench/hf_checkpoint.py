@@ -24,7 +24,8 @@ from typing import Any, ClassVar, Mapping
 # model_type -> archbench adapter name. Only classes an adapter loads as they are: mistral
 # (sliding window) has a class of its own, not Llama's.
 FAMILIES = {"llama": "transformer", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "qwen2": "qwen2", "mixtral": "moe",
-            "mamba": "mamba", "mamba2": "mamba2", "rwkv": "rwkv", "xlstm": "xlstm"}
+            "mamba": "mamba", "mamba2": "mamba2", "rwkv": "rwkv", "xlstm": "xlstm",
+            "bamba": "hybrid"}
 
 
 def _names(keys, n: int = 3) -> str:

@@ -37,6 +37,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "aaren": "archbench.adapters.aaren:AarenAdapter",
         "program": "archbench.adapters.program:ProgramAdapter",
         "xlstm": "archbench.adapters.xlstm:XLSTMAdapter",
+        "hybrid": "archbench.adapters.hybrid:HybridAdapter",
     },
     "techniques": {
         "probe": "archbench.techniques.probe:Probe",
