@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Mapping
 # (sliding window) has a class of its own, not Llama's.
 FAMILIES = {"llama": "transformer", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "qwen2": "qwen2", "mixtral": "moe",
             "mamba": "mamba", "mamba2": "mamba2", "rwkv": "rwkv", "xlstm": "xlstm",
-            "bamba": "hybrid"}
+            "bamba": "hybrid", "qwen3_next": "deltanet"}
 
 
 def _names(keys, n: int = 3) -> str:

@@ -38,6 +38,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "program": "archbench.adapters.program:ProgramAdapter",
         "xlstm": "archbench.adapters.xlstm:XLSTMAdapter",
         "hybrid": "archbench.adapters.hybrid:HybridAdapter",
+        "deltanet": "archbench.adapters.deltanet:DeltaNetAdapter",
     },
     "techniques": {
         "probe": "archbench.techniques.probe:Probe",
