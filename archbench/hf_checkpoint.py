@@ -25,7 +25,8 @@ from typing import Any, ClassVar, Mapping
 # (sliding window) has a class of its own, not Llama's.
 FAMILIES = {"llama": "transformer", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "qwen2": "qwen2", "mixtral": "moe",
             "mamba": "mamba", "mamba2": "mamba2", "rwkv": "rwkv", "xlstm": "xlstm",
-            "bamba": "hybrid", "qwen3_next": "deltanet"}
+            "bamba": "hybrid", "qwen3_next": "deltanet",
+            "recurrent_gemma": "griffin"}
 
 
 def _names(keys, n: int = 3) -> str:

@@ -39,6 +39,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "xlstm": "archbench.adapters.xlstm:XLSTMAdapter",
         "hybrid": "archbench.adapters.hybrid:HybridAdapter",
         "deltanet": "archbench.adapters.deltanet:DeltaNetAdapter",
+        "griffin": "archbench.adapters.griffin:GriffinAdapter",
     },
     "techniques": {
         "probe": "archbench.techniques.probe:Probe",
