@@ -36,7 +36,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from archbench import registry
 from archbench.adapter import Adapter
 
-FAMILIES = "transformer,moe,looped,mamba,mamba2,rwkv,diffusion,spiking,kan"
+FAMILIES = "transformer,moe,looped,mamba,mamba2,rwkv,diffusion,spiking,kan,gru,aaren,xlstm,griffin,deltanet,hybrid"
 N_SEEDS = 3
 
 
