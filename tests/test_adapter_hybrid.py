@@ -3,11 +3,11 @@ points, the Mamba-2 per-step state readable and patchable."""
 
 import pytest
 import torch
-from torch.nn import functional as F
 from transformers import BambaConfig, BambaForCausalLM
 
 from archbench.adapters.hybrid import HybridAdapter
 from archbench.hooks import Patch, Zero
+from mamba2_reference import rerun_from  # tests/mamba2_reference.py
 
 torch.set_num_threads(1)
 T = 10  # longer than the default chunk_size (8): transformers' scan crosses a chunk boundary
@@ -44,26 +44,6 @@ def _reference(adapter, attn_implementation=None):
     ref = BambaForCausalLM(config)
     ref.load_state_dict(adapter.model.state_dict())
     return ref.eval()
-
-
-def _ssm_inputs(mixer, hidden):
-    """x, B, C, dt, dA recomputed independently from in_proj, conv1d, dt_bias and A_log."""
-    H, P, G, N = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
-    b, t, _ = hidden.shape
-    _, xBC, dt = mixer.in_proj(hidden).split([mixer.intermediate_size, mixer.conv_dim, H], -1)
-    xBC = F.silu(mixer.conv1d(xBC.transpose(1, 2))[..., :t]).transpose(1, 2)  # (B, T, conv_dim)
-    x, B, C = xBC.split([H * P, G * N, G * N], -1)
-    x = x.reshape(b, t, H, P)  # (B, T, H, P)
-    B = B.reshape(b, t, G, 1, N).expand(b, t, G, H // G, N).reshape(b, t, H, N)  # (B, T, H, N)
-    C = C.reshape(b, t, G, 1, N).expand(b, t, G, H // G, N).reshape(b, t, H, N)
-    dt = F.softplus(dt + mixer.dt_bias)  # (B, T, H)
-    dA = torch.exp(dt * -torch.exp(mixer.A_log))  # (B, T, H)
-    return x, B, C, dt, dA
-
-
-def _step(h, s, x, B, dt, dA):
-    """One Mamba-2 step with scalar A per head: h = exp(Δa) h + Δ x Bᵀ."""
-    return dA[:, s, :, None, None] * h + dt[:, s, :, None, None] * x[:, s, :, :, None] * B[:, s, :, None, :]
 
 
 def test_no_hook_run_is_exactly_the_wrapped_model(hybrid, tokens):
@@ -179,15 +159,8 @@ def test_patching_state_at_t_is_rerunning_the_scan_from_it(hybrid, tokens, t):
     mixer = block.mamba
     with torch.no_grad():
         hidden = block.input_layernorm(hybrid.run(tokens, cache="embed").cache["embed"])
-        x, B, C, dt, dA = _ssm_inputs(mixer, hidden)
-        h, rerun = src[:, t], [src[:, t]]
-        for s in range(t + 1, T):
-            h = _step(h, s, x, B, dt, dA)
-            assert torch.allclose(states[:, s], h, atol=1e-6)
-            rerun.append(h)
-        y = torch.einsum("bthpn,bthn->bthp", torch.stack(rerun, 1), C[:, t:]) + mixer.D[:, None] * x[:, t:]
-        gate = mixer.in_proj(hidden)[..., :mixer.intermediate_size]
-        expected = mixer.out_proj(mixer.norm(y.flatten(2), gate[:, t:]))  # (B, T - t, d_model)
+        rerun, expected = rerun_from(mixer, hidden, src[:, t], t)
+    assert torch.allclose(states[:, t:], rerun, atol=1e-6)
     assert torch.allclose(out.cache["blocks.0.ssm.out"][:, t:], expected, atol=1e-5)
 
 

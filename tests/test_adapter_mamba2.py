@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from torch.nn import functional as F
 from transformers import Mamba2ForCausalLM
 
 from archbench.adapters.mamba2 import Mamba2Adapter
 from archbench.hooks import Patch, Zero
 from archbench.tasks.modadd import ModAdd
+from mamba2_reference import reference_states, rerun_from  # tests/mamba2_reference.py
 
 torch.set_num_threads(1)
 T = 10  # longer than the default chunk_size (8): transformers' scan crosses a chunk boundary
@@ -21,35 +21,6 @@ def mamba2():
 @pytest.fixture
 def tokens():
     return torch.randint(0, 10, (4, T), generator=torch.Generator().manual_seed(0))  # (B, T)
-
-
-def _ssm_inputs(mixer, hidden):
-    """x, B, C, dt, dA recomputed independently from in_proj, conv1d, dt_bias and A_log."""
-    H, P, G, N = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
-    b, t, _ = hidden.shape
-    _, xBC, dt = mixer.in_proj(hidden).split([mixer.intermediate_size, mixer.conv_dim, H], -1)
-    xBC = F.silu(mixer.conv1d(xBC.transpose(1, 2))[..., :t]).transpose(1, 2)  # (B, T, conv_dim)
-    x, B, C = xBC.split([H * P, G * N, G * N], -1)
-    x = x.reshape(b, t, H, P)  # (B, T, H, P)
-    B = B.reshape(b, t, G, 1, N).expand(b, t, G, H // G, N).reshape(b, t, H, N)  # (B, T, H, N)
-    C = C.reshape(b, t, G, 1, N).expand(b, t, G, H // G, N).reshape(b, t, H, N)
-    dt = F.softplus(dt + mixer.dt_bias)  # (B, T, H)
-    dA = torch.exp(dt * -torch.exp(mixer.A_log))  # (B, T, H)
-    return x, B, C, dt, dA
-
-
-def _step(h, s, x, B, dt, dA):
-    """One step of Dao & Gu 2024, eq. (1) with scalar A per head: h = exp(Δa) h + Δ x Bᵀ."""
-    return dA[:, s, :, None, None] * h + dt[:, s, :, None, None] * x[:, s, :, :, None] * B[:, s, :, None, :]
-
-
-def _reference_states(mixer, hidden):
-    x, B, _, dt, dA = _ssm_inputs(mixer, hidden)
-    h, out = torch.zeros(x.shape[0], *x.shape[2:], B.shape[-1]), []  # (B, H, P, N)
-    for s in range(x.shape[1]):
-        h = _step(h, s, x, B, dt, dA)
-        out.append(h)
-    return torch.stack(out, 1)  # (B, T, H, P, N)
 
 
 def test_no_hook_run_is_exactly_the_wrapped_model(mamba2, tokens):
@@ -90,7 +61,7 @@ def test_state_equals_an_independent_recomputation(mamba2, tokens):
     c = mamba2.run(tokens, cache="all").cache
     block = mamba2.model.backbone.layers[1]
     with torch.no_grad():
-        ref = _reference_states(block.mixer, block.norm(c["blocks.0.resid_post"]))
+        ref = reference_states(block.mixer, block.norm(c["blocks.0.resid_post"]))
     assert torch.allclose(c["blocks.1.ssm.state"], ref, atol=1e-6)
 
 
@@ -132,15 +103,8 @@ def test_patching_state_at_t_is_rerunning_the_scan_from_it(mamba2, tokens, t):
     mixer = block.mixer
     with torch.no_grad():
         hidden = block.norm(mamba2.run(tokens, cache="embed").cache["embed"])
-        x, B, C, dt, dA = _ssm_inputs(mixer, hidden)
-        h, rerun = src[:, t], [src[:, t]]
-        for s in range(t + 1, T):
-            h = _step(h, s, x, B, dt, dA)
-            assert torch.allclose(states[:, s], h, atol=1e-6)
-            rerun.append(h)
-        y = torch.einsum("bthpn,bthn->bthp", torch.stack(rerun, 1), C[:, t:]) + mixer.D[:, None] * x[:, t:]
-        gate = mixer.in_proj(hidden)[..., :mixer.intermediate_size]
-        expected = mixer.out_proj(mixer.norm(y.flatten(2), gate[:, t:]))  # (B, T - t, d_model)
+        rerun, expected = rerun_from(mixer, hidden, src[:, t], t)
+    assert torch.allclose(states[:, t:], rerun, atol=1e-6)
     assert torch.allclose(out.cache["blocks.0.ssm.out"][:, t:], expected, atol=1e-5)
 
 
