@@ -142,7 +142,7 @@ def cmd_inspect(args) -> int:
         raise UsageError("name an architecture (`archbench inspect transformer`) or a checkpoint (--model hf)")
     arch = checkpoint or _names("adapters", args.arch)[0]
     task_name = _tasks(args.task, checkpoint)[0] if args.task else "ioi" if checkpoint else "recall"
-    seed = getattr(args, "organism", None)
+    seed = args.organism
     if seed is not None and checkpoint:
         raise UsageError("--organism is for a family's trained organisms; a checkpoint is inspected as it is")
     try:
