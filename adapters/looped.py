@@ -90,6 +90,15 @@ class LoopedAdapter(TLAliases, Adapter):
     family = "looped"
     capabilities = frozenset({"gradients", "trainable", "readout"})
     default_config = {"d_model": 64, "n_heads": 4, "n_loops": 4, "max_loops": 16, "inject": False}
+
+    @classmethod
+    def scaled_config(cls, d_model, n_layers):
+        """Depth is the number of iterations of the one block (`n_loops`, within `max_loops`)."""
+        out = super().scaled_config(d_model, None)
+        if n_layers is not None:
+            out["n_loops"] = n_layers
+            out["max_loops"] = max(cls.default_config["max_loops"], n_layers)
+        return out
     task_train_config = {
         "modadd": {"steps": 3000, "lr": 3e-3, "weight_decay": 1.0, "n_train": 8192},
         "parity": {"steps": 2500},

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from archbench import feature_groups
+from archbench import feature_groups, snapshots, variants
 from archbench.hooks import HookSpec, InterventionLike, ROLES, StateHookPoint
 
 # Capabilities an adapter may declare; techniques list the ones they need.
@@ -91,6 +91,9 @@ class TrainReport:
     # why training ended: "target" (validation accuracy reached cfg["target"]), "plateau"
     # (no rise of cfg["plateau_delta"] within cfg["plateau_steps"]) or "step cap" (cfg["steps"])
     stopped: str = "step cap"
+    # the development axis' snapshots (archbench/snapshots.py): {stage, step, accuracy} each,
+    # accuracy on the same test examples as `accuracy`
+    snapshots: list[dict] = field(default_factory=list)
 
 
 class Adapter(abc.ABC):
@@ -128,6 +131,13 @@ class Adapter(abc.ABC):
     control_shares_representation: ClassVar[bool] = False
     # Model-config overrides per task, applied by `for_task` (part of the organism's identity).
     task_model_config: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Set on the classes of variant rows (`archbench.variants`): the family row a variant is
+    # of, its knobs, and for a development row the fraction of training it stands for.
+    variant_of: ClassVar[str | None] = None
+    variant_knobs: ClassVar[dict[str, Any]] = {}
+    stage: ClassVar[float | None] = None
+    # Model-config widths that scale with d_model on the scale axis (`scaled_config`).
+    width_tied: ClassVar[tuple[str, ...]] = ("d_mlp", "d_expert", "lru_width")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -156,6 +166,31 @@ class Adapter(abc.ABC):
     def for_task(cls, task, seed: int, **overrides: Any) -> "Adapter":
         return cls.build(task.vocab_size, task.seq_len, seed,
                          **{**cls.task_model_config.get(task.name, {}), **overrides})
+
+    @classmethod
+    def scaled_config(cls, d_model: int | None, n_layers: int | None) -> dict[str, Any]:
+        """The model-config overrides of this family at width `d_model` and depth `n_layers`
+        (None: as by default), for the scale axis (`archbench.variants`). Widths in
+        `width_tied` keep their ratio to d_model. Families whose depth or width is another
+        knob override this; one without either raises ValueError with the reason."""
+        cfg, out = cls.default_config, {}
+        if d_model is not None:
+            if "d_model" not in cfg:
+                raise ValueError(f"{cls.family} has no d_model knob to scale")
+            out["d_model"] = d_model
+            out.update({k: max(1, round(cfg[k] * d_model / cfg["d_model"])) for k in cls.width_tied
+                        if isinstance(cfg.get(k), int)})
+        if n_layers is not None:
+            if "n_layers" not in cfg:
+                raise ValueError(f"{cls.family} has no n_layers knob to scale")
+            out["n_layers"] = n_layers
+        return out
+
+    @classmethod
+    def trains_by_steps(cls) -> bool:
+        """True where organisms train by `Adapter.fit`'s gradient steps, which keep snapshots
+        for the development axis (a family with its own `fit` has no such trajectory)."""
+        return getattr(cls.fit, "__func__", cls.fit) is Adapter.fit
 
     @classmethod
     @abc.abstractmethod
@@ -341,6 +376,7 @@ class Adapter(abc.ABC):
         start, history, step, stopped = time.perf_counter(), [], 0, "step cap"
         best, best_step = None, 0  # the accuracy the plateau rule measures rises against
         at_target = 0  # evaluations in a row at the target
+        keeper = snapshots.SnapshotKeeper(self.model)
         self.model.train()
         for step in range(1, cfg["steps"] + 1):
             idx = torch.randint(len(train), (cfg["batch"],), generator=gen)  # (batch,)
@@ -353,6 +389,7 @@ class Adapter(abc.ABC):
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
             opt.step()
             sched.step()
+            keeper.offer(step)
             if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
                 acc = self.accuracy(val) if val_metric is None else val_metric()
                 history.append({"step": step, "loss": loss.item(), "val_accuracy": acc,
@@ -373,10 +410,17 @@ class Adapter(abc.ABC):
                     stopped = "plateau"
                     break
         self.model.eval()
-        return TrainReport(accuracy=self.accuracy(test), steps=step,
-                           seconds=time.perf_counter() - start,
-                           train_accuracy=self.accuracy(task.sample(1024, seed, "train")),
-                           history=history, stopped=stopped)
+        report = TrainReport(accuracy=self.accuracy(test), steps=step, seconds=time.perf_counter() - start,
+                             train_accuracy=self.accuracy(task.sample(1024, seed, "train")),
+                             history=history, stopped=stopped)
+        self.snapshots = keeper.at_stages(step, variants.STAGES)
+        if self.snapshots:
+            final = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            for stage, at, weights in self.snapshots:
+                self.model.load_state_dict(weights)
+                report.snapshots.append({"stage": stage, "step": at, "accuracy": self.accuracy(test)})
+            self.model.load_state_dict(final)
+        return report
 
     @staticmethod
     def lr_factor(step: int, cfg: Mapping[str, Any]) -> float:
@@ -420,6 +464,8 @@ class Adapter(abc.ABC):
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().clone() for k, v in self.model.state_dict().items()}
         save_file(state, str(path / "model.safetensors"))
+        if getattr(self, "snapshots", None):
+            snapshots.save(path, self.snapshots)
         (path / "adapter.json").write_text(json.dumps(
             {"family": self.family, "config": self.config, "meta": meta or {}}, indent=1, default=str))
 

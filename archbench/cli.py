@@ -361,6 +361,29 @@ def _with_reference(archs: list[str], notes: list[str]) -> list[str]:
     return [reference, *archs]
 
 
+def _axis_rows(archs: list[str], axis: str, notes: list[str]) -> list[str]:
+    """Each family with its rows along `axis` (archbench/variants.py): the 3 x 3 width-depth grid
+    (the point equal to the family's own config is the family's row) or the training stages."""
+    from archbench import variants
+
+    rows, left_out = [], []
+    for arch in archs:
+        rows.append(arch)
+        if variants.is_variant(arch):
+            continue
+        extra = variants.scale_rows(arch) if axis == "scale" else variants.development_rows(arch)
+        try:
+            classes = [registry.adapter(row) for row in extra]
+        except registry.UnknownName as exc:
+            left_out.append(f"{arch} ({str(exc).split(': ', 1)[-1]})")
+            continue
+        base = registry.adapter(arch).default_config
+        rows += [row for row, cls in zip(extra, classes) if cls.default_config != base or cls.stage is not None]
+    for reason in left_out:
+        notes.append(f"--axis {axis} leaves out {reason}")
+    return list(dict.fromkeys(rows))
+
+
 def cmd_run(args) -> int:
     from archbench import report, runner, store, zoo
     from archbench.technique import SCORING_VERSION
@@ -375,6 +398,11 @@ def cmd_run(args) -> int:
     else:
         archs = _matrix_archs(args.arch)
         archs = _with_reference(archs, notes) if args.arch is not None else archs
+    if args.axis is not None:
+        if checkpoint is not None:
+            raise UsageError(f"--axis {args.axis} varies the synthetic organisms; a checkpoint has one size "
+                             "and no training run to follow")
+        archs = _axis_rows(archs, args.axis, notes)
     techniques = _names("techniques", args.technique)
     tasks = _tasks(args.task, checkpoint)
     if checkpoint is not None:
@@ -547,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run the matrix (skips cells already in the store)",
                        epilog="example: archbench run --matrix --quick --arch transformer --results R")
     s.add_argument("--matrix", action="store_true", help="every technique x architecture x task x seed")
+    s.add_argument("--axis", choices=["scale", "development"],
+                   help="also run each family along an axis: scale (d_model 32/64/128 x 2/4/6 blocks) or "
+                        "development (snapshots at 10%%..90%% of its training)")
     s.add_argument("--arch", help="comma-separated adapters (default: all)")
     s.add_argument("--technique", help="comma-separated techniques (default: all)")
     s.add_argument("--task", help="comma-separated tasks (default: all; with --model the natural-text tasks)")

@@ -38,7 +38,7 @@ FORMATS = ("png", "svg", "pdf")
 _METADATA = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}
 
 
-def _save(fig: Figure, formats=("png",)) -> dict[str, bytes]:
+def save(fig: Figure, formats=("png",)) -> dict[str, bytes]:
     """Format -> the figure's bytes in that format."""
     FigureCanvasAgg(fig)
     out = {}
@@ -51,7 +51,7 @@ def _save(fig: Figure, formats=("png",)) -> dict[str, bytes]:
 
 
 def _png(fig: Figure) -> bytes:
-    return _save(fig)["png"]
+    return save(fig)["png"]
 
 
 def transfer_heatmap(summary: pd.DataFrame, settings: verdict.Settings) -> bytes:
@@ -204,4 +204,4 @@ def render(cells: pd.DataFrame, summary: pd.DataFrame, settings: verdict.Setting
         fig = depth_profile_figure(cells, tech, settings.reference)
         if fig is not None:
             figures[f"depth_{tech}"] = fig
-    return {f"{stem}.{fmt}": data for stem, fig in figures.items() for fmt, data in _save(fig, formats).items()}
+    return {f"{stem}.{fmt}": data for stem, fig in figures.items() for fmt, data in save(fig, formats).items()}

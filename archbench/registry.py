@@ -14,6 +14,7 @@ import warnings
 from importlib.metadata import entry_points
 from typing import Any
 
+from archbench import variants
 from archbench.tasks import BUILTIN_TASKS
 
 BUILTINS: dict[str, dict[str, str]] = {
@@ -115,11 +116,46 @@ def resolve(kind: str, name: str) -> str:
     """Check a name exists; raise UnknownName with a suggestion if not."""
     _load_plugins()
     table = _table(kind)
+    if name not in table and kind == "adapters" and variants.is_variant(name):
+        _register_variant(name)
+        return name
+    if name not in table and kind == "tasks" and variants.is_variant(name):
+        _register_task_variant(name)
+        return name
     if name not in table:
         close = difflib.get_close_matches(name, table, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(table))}"
         raise UnknownName(f"unknown {kind[:-1]} {name!r}{hint}")
     return name
+
+
+def _register_variant(name: str) -> None:
+    """Build and register the class of a variant row (`family@knob=value`, archbench/variants.py)."""
+    base = resolve("adapters", variants.base_of(name))
+    try:
+        _extra["adapters"][name] = variants.build(name, get("adapters", base))
+    except variants.VariantError as exc:
+        raise UnknownName(str(exc)) from None
+
+
+def _register_task_variant(name: str) -> None:
+    """A task with knobs in its name (`mqar@n_pairs=16`): a matrix axis over one task's knobs."""
+    base, _, spec = name.partition(variants.SEPARATOR)
+    cls = get("tasks", resolve("tasks", base))
+    knobs: dict[str, Any] = {}
+    for part in filter(None, spec.split(",")):
+        key, eq, value = part.partition("=")
+        try:
+            knobs[key] = int(value) if eq else None
+        except ValueError:
+            knobs[key] = None
+        if knobs[key] is None:
+            raise UnknownName(f"task {name!r}: each knob is KEY=INTEGER, not {part!r}")
+    try:
+        cls(**knobs)
+    except (TypeError, ValueError) as exc:
+        raise UnknownName(f"task {name!r}: {str(exc).splitlines()[0]}") from None
+    _extra["tasks"][name] = lambda **more: cls(**{**knobs, **more})
 
 
 def get(kind: str, name: str) -> Any:

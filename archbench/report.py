@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from archbench import report_html, report_known_answer, report_latex, verdict
+from archbench import report_axes, report_html, report_known_answer, report_latex, verdict
 from archbench import report_tables as tables
 from archbench.report_tables import Table
 from archbench.results_dir import write_atomic
@@ -96,9 +96,21 @@ def intro(settings: verdict.Settings, cells: pd.DataFrame | None = None) -> list
     return lines
 
 
+def main_rows(d: ReportData) -> ReportData:
+    """The report data without the development and scale rows (archbench/variants.py): the
+    main tables compare families at their own size and training; the axis rows get tables of
+    their own (`archbench.report_axes`)."""
+    keep = lambda frame: frame[~report_axes.axis_rows(frame)] if len(frame) else frame  # noqa: E731
+    return ReportData(keep(d.cells), keep(d.organisms), keep(d.verdicts), keep(d.summary), d.settings,
+                      d.localisation)
+
+
 def build_tables(d: ReportData) -> list[Table]:
     s = d.settings
+    axes = [t for t in (report_axes.development_table(d.cells), report_axes.scale_table(d.summary)) if t]
+    d = main_rows(d)
     out = [tables.transfer_matrix(d.summary, s), tables.behaviour(d.organisms, d.cells, s.reference)]
+    out += axes
     out += report_known_answer.tables(d.localisation, s.reference, s)
     out += tables.technique_tables(d.cells, s.reference)
     high = tables.high_controls(d.verdicts, s)
@@ -115,6 +127,11 @@ def figure_captions(names) -> dict[str, list[tuple[str, str]]]:
     for name in sorted(names):
         if name == "transfer_matrix.png":
             out.setdefault("transfer", []).append((name, "Transfer ratio ρ (colour) and verdict (glyph)."))
+        elif name.startswith(("development_", "scale_")):
+            axis, family = name[:-len(".png")].split("_", 1)
+            out.setdefault(axis, []).append(
+                (name, f"{family}: trained score by fraction of training, held-out accuracy dashed"
+                 if axis == "development" else f"{family}: pooled effect by depth, one line per width"))
         elif name.startswith("depth_"):
             tech = name[len("depth_"):-len(".png")]
             out.setdefault(f"task-{tech}", []).append(
@@ -171,8 +188,14 @@ def render_files(d: ReportData, formats=FORMATS) -> dict[str, bytes]:
 
     tabs = build_tables(d)
     lines = intro(settings, d.cells)
-    drawn = figs.render(d.cells, d.summary, settings, figs.FORMATS if "png" in formats else ("png",)) \
-        if {"png", "html"} & set(formats) else {}
+    main = main_rows(d)
+    fig_formats = figs.FORMATS if "png" in formats else ("png",)
+    drawn = figs.render(main.cells, main.summary, settings, fig_formats) if {"png", "html"} & set(formats) else {}
+    if {"png", "html"} & set(formats):
+        axis_figs = {f"development_{k}": f for k, f in report_axes.development_figures(d.cells).items()}
+        axis_figs |= {f"scale_{k}": f for k, f in report_axes.scale_figures(d.summary).items()}
+        drawn |= {f"{stem}.{fmt}": data for stem, fig in axis_figs.items()
+                  for fmt, data in figs.save(fig, fig_formats).items()}
     pngs = {name: data for name, data in drawn.items() if name.endswith(".png")}
     files: dict[str, bytes] = {}
     if "png" in formats:  # each figure as PNG, and as SVG and PDF for papers

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from archbench import checkpoints, zoo
+from archbench import checkpoints, variants, zoo
 from archbench.costs import CostModel
 from archbench.jobs import gated_row, run_cell, train_organism
 from archbench.local_executor import LocalExecutor
@@ -106,10 +106,16 @@ class Scheduler:
         self._order = itertools.count()
         self.waiting: dict[Organism, list[Job]] = {}
 
-    def add_organism(self, organism: Organism, cells: list[RunSpec]) -> None:
-        """An organism to train, and its cells, which wait for it."""
-        self._push(Job("organism", organism, self.costs.organism(organism[0], organism[1])))
-        self.waiting[organism] = [self.cell_job(s) for s in cells]
+    def add_organism(self, organism: Organism, cells: list[RunSpec], after: Organism | None = None) -> None:
+        """An organism to train, and its cells, which wait for it; with `after`, the organism
+        job itself waits until that organism has landed (a development row's snapshot is cut
+        from its family's organism, which must be trained once, not once per stage)."""
+        job = Job("organism", organism, self.costs.organism(organism[0], organism[1]))
+        if after is None:
+            self._push(job)
+        else:
+            self.waiting.setdefault(after, []).append(job)
+        self.waiting.setdefault(organism, []).extend(self.cell_job(s) for s in cells)
 
     def cell_job(self, spec: RunSpec) -> Job:
         return Job("cell", (spec.arch, spec.task, spec.seed), self.costs.cell(spec.technique, spec.arch, spec.task),
@@ -222,7 +228,8 @@ def _run(specs: list[RunSpec], store: Store, summary: RunSummary, workers: int, 
     gated: list[tuple[Job, dict]] = []  # cells the driver records without a worker
     for o, meta in cached.items():  # cached organisms need no worker (and no worker start-up)
         if meta is None:
-            sched.add_organism(o, by_organism[o])
+            base = (variants.base_of(o[0]), o[1], o[2]) if "stage=" in o[0] else None
+            sched.add_organism(o, by_organism[o], after=base if base in missing else None)
             continue
         reason = zoo.gate_reason(meta, gate)
         store.put_organism(meta, reason)
@@ -251,7 +258,9 @@ def _run(specs: list[RunSpec], store: Store, summary: RunSummary, workers: int, 
         bar.recorded(row["status"], None if ran else job)
 
     def landed(job: Job, out: dict[str, Any]) -> None:
-        cells = sched.release(job.organism)
+        waiting = sched.release(job.organism)
+        sched.add_cells(j for j in waiting if j.kind == "organism")  # snapshots of this organism
+        cells = [j for j in waiting if j.kind == "cell"]
         if not out["ok"]:
             last = out["error"].strip().splitlines()[-1]
             summary.errors.append(f"organism {'/'.join(map(str, job.organism))}: {last}")
