@@ -25,7 +25,11 @@ chance-corrected, (AUROC - 0.5) / 0.5: 0 at chance, 1 when every relevant positi
 every irrelevant one, -1 when every irrelevant one outranks the relevant ones. `per_example`
 holds these values, their mean is the score (clipped to [0, 1]); the raw mean AUROC, the
 AUROC pooled over all (example, position) pairs and the share of attribution mass on the
-relevant positions are in `metrics`, for each map.
+relevant positions are in `metrics`, for each map. `details` holds one row per scored
+position of the scored map (`position_importance`): its magnitude normalised per example to
+sum 1 over the scored positions, averaged over examples (`mean_abs_attribution`; the same
+over the examples where the position is irrelevant, `mean_abs_attribution_irrelevant`),
+and its `relevant_share`; the glitch technique's report table ranks positions by it.
 
 Positions whose token never varies in the sample (the `=` of modadd, the query of count and
 parity) are left out of the score: they carry no information about the answer, and their
@@ -75,6 +79,21 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     if n1 == 0 or n0 == 0:
         return float("nan")
     return float((ranks[labels].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def position_importance(mag: torch.Tensor, rel: torch.Tensor, positions: list[int]) -> list[dict]:
+    """One row per scored position: the mean over examples of its attribution magnitude
+    normalised per example to sum 1 over the scored positions (all n examples; an all-zero
+    map counts 0), the same mean over only the examples where it is irrelevant (None where
+    it never is), and the share of examples where it is relevant. mag (n, T'), rel (n, T')."""
+    share = mag / mag.sum(1, keepdim=True).clamp_min(1e-12)  # (n, T') each row sums to 1 (or 0)
+    rows = []
+    for j, p in enumerate(positions):
+        off = ~rel[:, j]  # (n,) examples where position p is irrelevant
+        rows.append({"position": p, "mean_abs_attribution": float(share[:, j].mean()),
+                     "mean_abs_attribution_irrelevant": float(share[off, j].mean()) if bool(off.any()) else None,
+                     "relevant_share": float(rel[:, j].float().mean())})
+    return rows
 
 
 class Attribution(Technique):
@@ -143,6 +162,7 @@ class Attribution(Technique):
             if key == method:
                 per_ex = chance_corrected(rows, 0.5)  # (n_mixed,) 0 at chance, 1 perfect
                 metrics["auroc"] = float(rows.mean())  # the scored map's raw AUROC
+                details = position_importance(mag, rel, varying.nonzero()[:, 0].tolist())
         metrics["n_examples_used"] = int(mixed.sum())
         metrics["n_examples_excluded"] = int((~mixed).sum())
-        return Result.from_per_example(per_ex.tolist(), metrics=metrics)
+        return Result.from_per_example(per_ex.tolist(), metrics=metrics, details=details)
