@@ -306,7 +306,9 @@ def _tasks(value: str | None, checkpoint: str | None) -> list[str]:
     from archbench.tasks import NATURAL_TASKS
 
     if checkpoint is None:
-        return _names("tasks", value)
+        names = _names("tasks", value)
+        # by default the matrix's own tasks; the findings' tasks run when named
+        return names if value is not None else [n for n in names if getattr(registry.get("tasks", n), "in_matrix", True)]
     if value is None:
         return list(NATURAL_TASKS)
     names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
@@ -388,12 +390,21 @@ def cmd_run(args) -> int:
     from archbench import report, runner, store, zoo
     from archbench.technique import SCORING_VERSION
 
-    if not args.matrix:
-        raise UsageError("say what to run: `archbench run --matrix` (filters: --arch, --technique, --task)")
+    if not args.matrix and not args.findings:
+        raise UsageError("say what to run: `archbench run --matrix` (filters: --arch, --technique, --task) "
+                         "or `archbench run --findings`")
+    if args.findings:
+        given = [flag for flag, value in (("--matrix", args.matrix), ("--arch", args.arch),
+                                          ("--technique", args.technique), ("--task", args.task),
+                                          ("--axis", args.axis), ("--model", args.model)) if value]
+        if given:
+            raise UsageError(f"--findings runs the cells archbench/findings.py names; leave out {', '.join(given)}")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` and `timeout` stop a run like Ctrl-C
     notes: list[str] = []  # printed once every flag has been checked
     checkpoint = _checkpoint(args)
-    if checkpoint is not None:  # the checkpoint's row, and any --arch rows asked for beside it
+    if args.findings:
+        archs = techniques = tasks = []
+    elif checkpoint is not None:  # the checkpoint's row, and any --arch rows asked for beside it
         archs = [checkpoint, *(_matrix_archs(args.arch) if args.arch is not None else [])]
     else:
         archs = _matrix_archs(args.arch)
@@ -403,8 +414,9 @@ def cmd_run(args) -> int:
             raise UsageError(f"--axis {args.axis} varies the synthetic organisms; a checkpoint has one size "
                              "and no training run to follow")
         archs = _axis_rows(archs, args.axis, notes)
-    techniques = _names("techniques", args.technique)
-    tasks = _tasks(args.task, checkpoint)
+    if not args.findings:
+        techniques = _names("techniques", args.technique)
+        tasks = _tasks(args.task, checkpoint)
     if checkpoint is not None:
         _check_checkpoint_tasks(checkpoint, tasks)
     if args.quick and args.profile not in (None, "quick"):
@@ -416,7 +428,12 @@ def cmd_run(args) -> int:
     if args.workers and args.workers > _cores() and not cluster:  # a process per cell helps nobody
         notes.append(f"--workers {args.workers} capped at {_cores()}, the cores of this machine")
         args.workers = _cores()
-    specs = runner.expand(archs, techniques, tasks, range(n_seeds))
+    if args.findings:
+        from archbench import findings
+
+        specs = findings.specs(range(n_seeds))
+    else:
+        specs = runner.expand(archs, techniques, tasks, range(n_seeds))
     executor = _executor(args)
     for line in notes:
         _note(line)
@@ -575,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run the matrix (skips cells already in the store)",
                        epilog="example: archbench run --matrix --quick --arch transformer --results R")
     s.add_argument("--matrix", action="store_true", help="every technique x architecture x task x seed")
+    s.add_argument("--findings", action="store_true",
+                   help="the cells that re-measure the published findings (archbench/findings.py)")
     s.add_argument("--axis", choices=["scale", "development"],
                    help="also run each family along an axis: scale (d_model 32/64/128 x 2/4/6 blocks) or "
                         "development (snapshots at 10%%..90%% of its training)")

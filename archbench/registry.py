@@ -52,6 +52,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "steering": "archbench.techniques.steering:Steering",
         "sae": "archbench.techniques.sae:SAE",
         "cka": "archbench.techniques.cka:CKA",
+        "causal_tracing": "archbench.techniques.causal_tracing:CausalTracing",
         "glitch": "archbench.techniques.glitch:Glitch",
         "fourier": "archbench.techniques.fourier:Fourier",
     },

@@ -23,6 +23,8 @@ BUILTIN_TASKS: dict[str, str] = {
     "recall": "archbench.tasks.recall:Recall",
     "count": "archbench.tasks.count:Count",
     "facts": "archbench.tasks.facts:Facts",
+    "mqar": "archbench.tasks.mqar:MQAR",
+    "facts_long": "archbench.tasks.facts_long:FactsLong",
 }
 
 NATURAL_TASKS: dict[str, str] = {

@@ -69,6 +69,9 @@ class Task(abc.ABC):
     description: ClassVar[str] = ""
     test_fraction: ClassVar[float] = 0.2
     val_fraction: ClassVar[float] = 0.1
+    # False for tasks that test one published finding (archbench/findings.py names their
+    # cells): the default matrix leaves them out; `--task NAME` or `--findings` runs them.
+    in_matrix: ClassVar[bool] = True
 
     vocab_size: int
     seq_len: int

@@ -42,6 +42,7 @@ class Facts(Task):
     name: ClassVar[str] = "facts"
     primary: ClassVar[str] = "attribute"
     description: ClassVar[str] = "x s1 s2 r -> attribute (a seeded knowledge base, after ROME)"
+    subject_positions: ClassVar[tuple[int, ...]] = (1, 2)  # the subject's name tokens (causal tracing corrupts them)
 
     def __init__(self, n_subjects: int = 16, n_first: int = 4, n_last: int = 4,
                  n_relations: int = 2, n_attributes: int = 8, n_fillers: int = 8,
