@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from archbench import report_axes, report_html, report_known_answer, report_latex, verdict
+from archbench import findings_figures, report_axes, report_html, report_known_answer, report_latex, verdict
 from archbench import report_tables as tables
 from archbench.report_tables import Table
 from archbench.results_dir import write_atomic
@@ -107,7 +107,10 @@ def main_rows(d: ReportData) -> ReportData:
 
 def build_tables(d: ReportData) -> list[Table]:
     s = d.settings
-    axes = [t for t in (report_axes.development_table(d.cells), report_axes.scale_table(d.summary)) if t]
+    from archbench import findings
+
+    axes = [t for t in (findings.table(d.cells, d.organisms), report_axes.development_table(d.cells),
+                        report_axes.scale_table(d.summary)) if t]
     d = main_rows(d)
     out = [tables.transfer_matrix(d.summary, s), tables.behaviour(d.organisms, d.cells, s.reference)]
     out += axes
@@ -127,6 +130,8 @@ def figure_captions(names) -> dict[str, list[tuple[str, str]]]:
     for name in sorted(names):
         if name == "transfer_matrix.png":
             out.setdefault("transfer", []).append((name, "Transfer ratio ρ (colour) and verdict (glyph)."))
+        elif name.startswith("findings_"):
+            out.setdefault("findings", []).append((name, FINDING_CAPTIONS.get(name[:-len(".png")], name)))
         elif name.startswith(("development_", "scale_")):
             axis, family = name[:-len(".png")].split("_", 1)
             out.setdefault(axis, []).append(
@@ -138,6 +143,15 @@ def figure_captions(names) -> dict[str, list[tuple[str, str]]]:
                 (name, f"{tech}: best site per depth, trained (solid) and random-init control (dotted); "
                        "bands: 95% t-intervals over seeds."))
     return out
+
+
+FINDING_CAPTIONS = {
+    "findings_nanda": "Nanda et al. 2023: the transformer's modadd embedding spectrum, ranked, per seed "
+                      "(dashed: an even spread).",
+    "findings_tracing": "Meng et al. 2022 / Sen Sharma et al. 2024: causal tracing's IE/TE per block × position "
+                        "on facts_long, mean over seeds.",
+    "findings_zoology": "Arora et al. 2023: mqar held-out accuracy against the number of pairs.",
+}
 
 
 def _md_table(t: Table) -> str:
@@ -194,6 +208,7 @@ def render_files(d: ReportData, formats=FORMATS) -> dict[str, bytes]:
     if {"png", "html"} & set(formats):
         axis_figs = {f"development_{k}": f for k, f in report_axes.development_figures(d.cells).items()}
         axis_figs |= {f"scale_{k}": f for k, f in report_axes.scale_figures(d.summary).items()}
+        axis_figs |= findings_figures.render(d.cells, d.organisms)
         drawn |= {f"{stem}.{fmt}": data for stem, fig in axis_figs.items()
                   for fmt, data in figs.save(fig, fig_formats).items()}
     pngs = {name: data for name, data in drawn.items() if name.endswith(".png")}
