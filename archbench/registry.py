@@ -52,6 +52,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "steering": "archbench.techniques.steering:Steering",
         "sae": "archbench.techniques.sae:SAE",
         "cka": "archbench.techniques.cka:CKA",
+        "symbolic": "archbench.techniques.symbolic:Symbolic",
         "causal_tracing": "archbench.techniques.causal_tracing:CausalTracing",
         "glitch": "archbench.techniques.glitch:Glitch",
         "fourier": "archbench.techniques.fourier:Fourier",
@@ -111,8 +112,9 @@ def _table(kind: str) -> dict[str, Any]:
 
 
 def names(kind: str) -> list[str]:
+    """The registered names; variant rows built on use (`family@knob=value`) are not listed."""
     _load_plugins()
-    return sorted(_table(kind))
+    return sorted(n for n in _table(kind) if not variants.is_variant(n))
 
 
 def resolve(kind: str, name: str) -> str:

@@ -111,20 +111,38 @@ def development_table(cells: pd.DataFrame, gate: float = 0.9) -> Table | None:
 def scale_frame(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per (family, technique, d_model, n_layers) from the pooled verdicts, the family's
     own row standing at its default size."""
-    from archbench import registry
-
     families = {variants.base_of(a) for a in summary.arch if variants.is_variant(a) and "stage=" not in a}
     rows = []
     for _, r in summary.iterrows():
         base, knobs = _split(r.arch)
         if base not in families or "stage" in knobs:
             continue
-        cfg = registry.adapter(r.arch).default_config
-        width = cfg.get("d_model")
-        depth = cfg.get("n_layers", cfg.get("n_loops"))
+        size = size_of(r.arch)
+        if size is None:
+            continue
+        width, depth = size
         rows.append({"family": base, "technique": r.technique, "d_model": width, "n_layers": depth,
                      "verdict": r.verdict, "provisional": bool(r.provisional), "effect": r.effect, "rho": r.rho})
     return pd.DataFrame(rows)
+
+
+def size_of(arch: str) -> tuple[int, int] | None:
+    """(d_model, blocks) of a scale row; a family's own row sits at the grid point whose scaled
+    config is its default config (d_model 64 with 2 blocks for most; the looped transformer's
+    4 iterations), None if none is."""
+    from archbench import registry
+
+    base, knobs = _split(arch)
+    cls = registry.adapter(base)
+    if knobs:
+        return knobs.get("d_model", 64), knobs.get("n_layers", 2)
+    for width, depth in variants.SCALE_GRID:
+        try:
+            if {**cls.default_config, **cls.scaled_config(width, depth)} == cls.default_config:
+                return width, depth
+        except ValueError:
+            return None
+    return None
 
 
 def scale_table(summary: pd.DataFrame) -> Table | None:

@@ -320,7 +320,8 @@ def test_latent_shapes(task):
 
 
 def test_builtin_table_resolves():
-    assert set(BUILTIN_TASKS) == {"modadd", "parity", "recall", "count", "facts", "mqar", "facts_long"}
+    assert set(BUILTIN_TASKS) == {"modadd", "parity", "recall", "count", "facts", "mqar", "facts_long",
+                                  "regression"}
     for name, target in BUILTIN_TASKS.items():
         module, qualname = target.split(":")
         cls = getattr(importlib.import_module(module), qualname)

@@ -125,3 +125,20 @@ def test_axis_rows_expand_each_family_and_name_what_they_leave_out():
 
 def test_a_checkpoint_has_no_axis():
     assert Adapter.trains_by_steps() and not registry.adapter("reservoir").trains_by_steps()
+
+
+def test_the_scale_table_flags_a_verdict_that_flips_with_size():
+    import pandas as pd
+
+    from archbench import report_axes
+
+    rows = [{"technique": "probe", "arch": arch, "verdict": v, "provisional": False, "effect": e, "rho": rho}
+            for arch, v, e, rho in [("transformer", "transfers", 0.8, 1.0),
+                                    ("transformer@d_model=32,n_layers=4", "fails", 0.01, None),
+                                    ("gru", "partial", 0.3, 0.4), ("gru@d_model=128,n_layers=6", "partial", 0.4, 0.5)]]
+    table = report_axes.scale_table(pd.DataFrame(rows))
+    assert table.header[2:-1] == ["32×4", "64×2", "128×6"]
+    stable = {r[0]: r[-1] for r in table.rows}
+    assert stable == {"transformer": "flips", "gru": "yes"}
+    assert report_axes.size_of("looped") == (64, 4) and report_axes.size_of("reservoir") is None
+    assert set(report_axes.scale_figures(pd.DataFrame(rows))) == {"transformer", "gru"}

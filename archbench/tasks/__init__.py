@@ -23,8 +23,9 @@ BUILTIN_TASKS: dict[str, str] = {
     "recall": "archbench.tasks.recall:Recall",
     "count": "archbench.tasks.count:Count",
     "facts": "archbench.tasks.facts:Facts",
-    "mqar": "archbench.tasks.mqar:MQAR",
+    "regression": "archbench.tasks.regression:Regression",
     "facts_long": "archbench.tasks.facts_long:FactsLong",
+    "mqar": "archbench.tasks.mqar:MQAR",
 }
 
 NATURAL_TASKS: dict[str, str] = {
