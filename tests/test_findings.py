@@ -86,7 +86,7 @@ def _organisms(acc):
     for (arch, pairs), values in acc.items():
         for seed, a in enumerate(values):
             rows.append({"arch": arch, "task": "mqar", "seed": seed, "accuracy": a,
-                         "meta": json.dumps({"task_config": {"n_pairs": pairs}})})
+                         "meta": json.dumps({"task_config": {"n_pairs": pairs, "n_keys": findings.MQAR_VOCAB}})})
     return pd.DataFrame(rows)
 
 
