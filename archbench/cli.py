@@ -44,12 +44,25 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+def split_names(value: str) -> list[str]:
+    """A comma-separated list of names, where a variant's own knobs are comma-separated too:
+    `transformer,mamba@d_model=32,n_layers=4` is two names (a piece with `=` and no `@`
+    continues the variant before it; no family or task name holds `=`)."""
+    names: list[str] = []
+    for piece in (p.strip() for p in value.split(",")):
+        if "=" in piece and "@" not in piece and names and "@" in names[-1]:
+            names[-1] += "," + piece
+        elif piece:
+            names.append(piece)
+    return names
+
+
 def _names(kind: str, value: str | None) -> list[str]:
     """The names of a comma-separated flag, each checked, duplicates dropped; every name
     when the flag is absent (an empty value is an error, not "all")."""
     if value is None:
         return registry.names(kind)
-    names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    names = list(dict.fromkeys(split_names(value)))
     if not names:
         raise UsageError(f"{FLAGS.get(kind, kind)} needs at least one name (leave the flag out for all; "
                          f"`archbench list {kind}` lists them)")

@@ -142,3 +142,9 @@ def test_the_scale_table_flags_a_verdict_that_flips_with_size():
     assert stable == {"transformer": "flips", "gru": "yes"}
     assert report_axes.size_of("looped") == (64, 4) and report_axes.size_of("reservoir") is None
     assert set(report_axes.scale_figures(pd.DataFrame(rows))) == {"transformer", "gru"}
+
+
+def test_flags_split_names_around_a_variant_s_own_commas():
+    assert cli.split_names("transformer, mamba@d_model=32,n_layers=4,gru,mqar@n_pairs=8,n_keys=16") == [
+        "transformer", "mamba@d_model=32,n_layers=4", "gru", "mqar@n_pairs=8,n_keys=16"]
+    assert cli._names("adapters", "gru@d_model=32,n_layers=4,gru") == ["gru@d_model=32,n_layers=4", "gru"]
