@@ -319,9 +319,8 @@ def _tasks(value: str | None, checkpoint: str | None) -> list[str]:
     from archbench.tasks import NATURAL_TASKS
 
     if checkpoint is None:
-        names = _names("tasks", value)
         # by default the matrix's own tasks; the findings' tasks run when named
-        return names if value is not None else [n for n in names if getattr(registry.get("tasks", n), "in_matrix", True)]
+        return _names("tasks", value) if value is not None else registry.matrix_tasks()
     if value is None:
         return list(NATURAL_TASKS)
     names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))

@@ -117,6 +117,12 @@ def names(kind: str) -> list[str]:
     return sorted(n for n in _table(kind) if not variants.is_variant(n))
 
 
+def matrix_tasks() -> list[str]:
+    """The tasks the default matrix runs: every task but those that test one published
+    finding (`Task.in_matrix` False: facts_long, mqar, regression; archbench/findings.py)."""
+    return [n for n in names("tasks") if getattr(get("tasks", n), "in_matrix", True)]
+
+
 def resolve(kind: str, name: str) -> str:
     """Check a name exists; raise UnknownName with a suggestion if not."""
     _load_plugins()

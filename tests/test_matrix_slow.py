@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_trained_transformer_beats_its_control_on_three_tasks(tmp_path):
-    specs = runner.expand(["transformer"], ["probe", "patching"], registry.names("tasks"), range(2))
+    specs = runner.expand(["transformer"], ["probe", "patching"], registry.matrix_tasks(), range(2))
     summary = runner.run_matrix(specs, tmp_path, workers=2, progress=False)
     assert summary.error == 0, summary.errors
     with Store(tmp_path) as store:

@@ -9,6 +9,7 @@ def test_builtins_listed_and_loadable():
     assert "transformer" in registry.names("adapters")
     assert {"probe", "patching"} <= set(registry.names("techniques"))
     assert set(registry.names("tasks")) >= {"modadd", "parity", "recall", "count", "facts"}
+    assert registry.matrix_tasks() == ["count", "facts", "modadd", "parity", "recall"]  # the findings' tasks stay out
     assert registry.adapter("transformer").family == "transformer"
     assert registry.task("modadd").name == "modadd"
 
