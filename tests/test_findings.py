@@ -74,10 +74,10 @@ def test_a_gated_organism_makes_a_finding_not_testable_with_its_reason():
 
 
 def test_pykan_needs_a_high_r2_and_the_true_functions():
-    good = [_cell("symbolic", "kan", "regression", s, False, 0.98, {"formula_match": True, "formula": "exp(...)"})
+    good = [_cell("symbolic", "kan", "regression", s, False, 0.98, {"structure_match": True, "formula_match": True, "formula": "exp(...)"})
             for s in range(3)]
     assert _status(_frame(good))["pykan"] == "reproduced"
-    wrong = [_cell("symbolic", "kan", "regression", s, False, 0.98, {"formula_match": False}) for s in range(3)]
+    wrong = [_cell("symbolic", "kan", "regression", s, False, 0.98, {"structure_match": False, "formula_match": True}) for s in range(3)]
     assert _status(_frame(wrong))["pykan"] == "contradicted"
 
 
