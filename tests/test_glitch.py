@@ -343,3 +343,24 @@ def test_a_position_enters_only_from_the_seeds_whose_glitch_cell_searched_it():
     corr = position_correlations(pd.DataFrame(rows)).set_index("technique")
     assert corr.loc["attribution"].rho == pytest.approx(1.0) and corr.loc["attribution"].n == 5
     assert corr.loc["patching"].rho == pytest.approx(-1.0) and corr.loc["patching"].n == 5
+
+
+def test_edits_that_leave_the_task_distribution_are_never_tried():
+    """A recall edit that repeats a key keeps the rule's answer but is no sequence the task
+    draws: it is not a test of the rule, so it is not tried."""
+    from archbench.tasks.mqar import MQAR
+    from archbench.tasks.recall import Recall
+    task = Recall()
+    ex = task.sample(64, 0, "test")
+    assert task.in_distribution(ex.tokens).all()
+    edited = ex.tokens.clone()
+    edited[:, 0] = edited[:, 2]  # the first key repeats the second
+    off = ~task.in_distribution(edited)
+    assert off.all()
+    assert not rule_keeps(task, edited, ex.answer, ex.relevant).any()
+    mq = MQAR(n_pairs=4, n_queries=2, n_keys=8, n_values=8)
+    toks = mq.sample(64, 0, "test").tokens
+    assert mq.in_distribution(toks).all()
+    wrong = toks.clone()
+    wrong[:, mq.first_query_pos + 1] = (wrong[:, mq.first_query_pos + 1] - mq.n_keys + 1) % mq.n_values + mq.n_keys
+    assert not mq.in_distribution(wrong).any()  # an answered query followed by another value

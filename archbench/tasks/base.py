@@ -189,6 +189,13 @@ class Task(abc.ABC):
         """
         return self.rule(source)
 
+    def in_distribution(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: each sequence is one the task's own generator can draw (a joint
+        constraint beyond each position's tokens, such as recall's distinct keys). Every
+        sequence by default; an edit that leaves the distribution (the glitch search's) is
+        not a test of the rule."""
+        return torch.ones(len(tokens), dtype=torch.bool)
+
     @abc.abstractmethod
     def answer_tokens(self) -> torch.Tensor:
         """(C,) long, sorted: every token the task's answer can be.

@@ -36,6 +36,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from archbench.tasks import recall
 from archbench.tasks.recall import Recall
 
 
@@ -106,6 +107,17 @@ class MQAR(Recall):
         tokens[:, start::2] = keys[rows, asked]  # (n, M) the queries, the last at T - 1
         tokens[:, start + 1::2] = values[rows, asked[:, :-1]]  # (n, M - 1) their values
         return tokens
+
+    def in_distribution(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: distinct keys, distinct queries that are keys of the sequence, each
+        answered query followed by its own value, and fillers where the padding is."""
+        pairs, start = 2 * self.n_pairs, self.first_query_pos
+        keys, values = tokens[:, 0:pairs:2], tokens[:, 1:pairs:2]  # (n, P), (n, P)
+        queries, answers = tokens[:, start::2], tokens[:, start + 1::2]  # (n, M), (n, M - 1)
+        hit = queries[:, :, None] == keys[:, None, :]  # (n, M, P)
+        bound = (hit.float() * values[:, None, :].float()).sum(-1).long()  # (n, M): the value of each query
+        return (recall._distinct(keys) & recall._distinct(queries) & hit.any(-1).all(-1)
+                & (answers == bound[:, :-1]).all(-1) & (tokens[:, pairs:start] == self.filler).all(-1))
 
     def latents(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         return {**super().latents(tokens),  # value (n,), match_pos (n,)

@@ -83,6 +83,10 @@ class Recall(Task):
         tokens[:, -1] = query
         return tokens
 
+    def in_distribution(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: the keys are distinct within the sequence (the generator's constraint)."""
+        return _distinct(tokens[:, 0:2 * self.n_pairs:2])
+
     def latents(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"value": self.rule(tokens),  # (n,) answer token id
                 "match_pos": 2 * self._match(tokens)}  # (n,) position of the matching key
@@ -104,3 +108,9 @@ class Recall(Task):
         shift = rng.integers(1, self.n_values, size=len(base))  # (n,) never 0
         source[rows, value_pos] = self.n_keys + (old + shift) % self.n_values
         return source
+
+
+def _distinct(rows: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: no token repeats within a row of (n, k)."""
+    ordered = rows.sort(dim=1).values  # (n, k)
+    return (ordered[:, 1:] != ordered[:, :-1]).all(dim=1)
