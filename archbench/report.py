@@ -110,7 +110,7 @@ def build_tables(d: ReportData) -> list[Table]:
     from archbench import findings
 
     axes = [t for t in (findings.table(d.cells, d.organisms), report_axes.development_table(d.cells),
-                        report_axes.scale_table(d.summary)) if t]
+                        report_axes.scale_table(d.verdicts)) if t]
     d = main_rows(d)
     out = [tables.transfer_matrix(d.summary, s), tables.behaviour(d.organisms, d.cells, s.reference)]
     out += axes
@@ -207,7 +207,7 @@ def render_files(d: ReportData, formats=FORMATS) -> dict[str, bytes]:
     drawn = figs.render(main.cells, main.summary, settings, fig_formats) if {"png", "html"} & set(formats) else {}
     if {"png", "html"} & set(formats):
         axis_figs = {f"development_{k}": f for k, f in report_axes.development_figures(d.cells).items()}
-        axis_figs |= {f"scale_{k}": f for k, f in report_axes.scale_figures(d.summary).items()}
+        axis_figs |= {f"scale_{k}": f for k, f in report_axes.scale_figures(d.verdicts).items()}
         axis_figs |= findings_figures.render(d.cells, d.organisms)
         drawn |= {f"{stem}.{fmt}": data for stem, fig in axis_figs.items()
                   for fmt, data in figs.save(fig, fig_formats).items()}

@@ -13,10 +13,10 @@ nothing to find). The figure draws, per family and task, each technique's score 
 fraction of training, with the accuracy overlaid (black, dashed).
 
 Scale. For each family with scale rows (`FAMILY@d_model=W,n_layers=L`, the family's own row
-standing for its default size) and each technique (tasks pooled, as in the transfer
-matrix): the verdict at every (width, depth) of the grid. A verdict that is `transfers` or
+standing for its default size), each task the scale rows ran and each technique: the
+verdict at every (width, depth) of the grid, on that task. A verdict that is `transfers` or
 `partial` at one size and `fails` at another is flagged as flipping with scale. The figure
-draws, per family, each technique's pooled effect against depth, one line style per width.
+draws, per family, each technique's effect on each task against depth, one line style per width.
 
 Both read the store's verdicts and cells only.
 """
@@ -108,12 +108,13 @@ def development_table(cells: pd.DataFrame, gate: float = 0.9) -> Table | None:
                  shape="list")
 
 
-def scale_frame(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per (family, technique, d_model, n_layers) from the pooled verdicts, the family's
-    own row standing at its default size."""
-    families = {variants.base_of(a) for a in summary.arch if variants.is_variant(a) and "stage=" not in a}
+def scale_frame(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """One row per (family, technique, task, d_model, n_layers) from the per-task verdicts, the
+    family's own row standing at its default size; only (technique, task) pairs that some
+    scale row of the family has, at two sizes or more (a size is compared on the same task)."""
+    families = {variants.base_of(a) for a in verdicts.arch if variants.is_variant(a) and "stage=" not in a}
     rows = []
-    for _, r in summary.iterrows():
+    for r in verdicts.itertuples():
         base, knobs = _split(r.arch)
         if base not in families or "stage" in knobs:
             continue
@@ -121,9 +122,16 @@ def scale_frame(summary: pd.DataFrame) -> pd.DataFrame:
         if size is None:
             continue
         width, depth = size
-        rows.append({"family": base, "technique": r.technique, "d_model": width, "n_layers": depth,
-                     "verdict": r.verdict, "provisional": bool(r.provisional), "effect": r.effect, "rho": r.rho})
-    return pd.DataFrame(rows)
+        rows.append({"family": base, "technique": r.technique, "task": r.task, "d_model": width, "n_layers": depth,
+                     "verdict": r.verdict, "provisional": bool(r.provisional), "effect": r.effect, "rho": r.rho,
+                     "scale_row": bool(knobs)})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    keys = ["family", "technique", "task"]
+    has_scale = frame.groupby(keys).scale_row.transform("any")
+    sizes = frame.groupby(keys).d_model.transform("size")
+    return frame[has_scale & (sizes >= 2)].drop(columns="scale_row").reset_index(drop=True)
 
 
 def size_of(arch: str) -> tuple[int, int] | None:
@@ -145,26 +153,26 @@ def size_of(arch: str) -> tuple[int, int] | None:
     return None
 
 
-def scale_table(summary: pd.DataFrame) -> Table | None:
-    frame = scale_frame(summary)
+def scale_table(verdicts: pd.DataFrame) -> Table | None:
+    frame = scale_frame(verdicts)
     if frame.empty:
         return None
     grid = sorted({(w, d) for w, d in zip(frame.d_model, frame.n_layers)})
-    header = ["family", "technique", *[f"{w}×{d}" for w, d in grid], "stable"]
+    header = ["family", "task", "technique", *[f"{w}×{d}" for w, d in grid], "stable"]
     rows = []
-    for (family, tech), g in frame.groupby(["family", "technique"]):
+    for (family, task, tech), g in frame.groupby(["family", "task", "technique"]):
         at = {(r.d_model, r.n_layers): r for r in g.itertuples()}
         cells = [glyph(at[p].verdict, at[p].provisional) + (f" {fmt(at[p].rho)}" if p in at and pd.notna(at[p].rho)
                                                             else "") if p in at else "" for p in grid]
         found = {r.verdict for r in g.itertuples()}
         scored = found & {*SIGNAL, "fails"}
         flips = bool(found & set(SIGNAL)) and "fails" in found
-        rows.append([family, tech, *cells, "flips" if flips else ("yes" if scored else "—")])
+        rows.append([family, task, tech, *cells, "flips" if flips else ("yes" if scored else "—")])
     return Table("scale", "Scale: verdict by width × depth", header, rows,
-                 note=("Columns are d_model × blocks; each cell is the pooled verdict (tasks on which the "
-                       "technique works on the reference) of the organisms of that size, read against the "
-                       "reference at its default size. `flips`: transfers or partial at one size and fails at "
-                       "another; `yes`: the same side everywhere it was scored."),
+                 note=("Columns are d_model × blocks; each cell is the verdict on that task of the organisms of "
+                       "that size, read against the reference at its default size (ρ after the glyph). "
+                       "`flips`: transfers or partial at one size and fails at another; `yes`: the same side "
+                       "everywhere it was scored; — where no size was scored (n/a, no-reference)."),
                  shape="list")
 
 
@@ -198,28 +206,28 @@ def development_figures(cells: pd.DataFrame):
     return out
 
 
-def scale_figures(summary: pd.DataFrame):
-    """Family -> a matplotlib Figure: each technique's pooled effect against depth, one line per
-    width (solid, dashed, dotted from narrow to wide)."""
+def scale_figures(verdicts: pd.DataFrame):
+    """Family -> a matplotlib Figure: each (technique, task)'s effect against depth, one line
+    per width (solid, dashed, dotted from narrow to wide)."""
     from matplotlib.figure import Figure
 
-    frame = scale_frame(summary)
+    frame = scale_frame(verdicts)
     out = {}
     if frame.empty:
         return out
     styles = ["-", "--", ":", "-."]
     for family, f in frame.groupby("family"):
-        techs = sorted(f.technique.unique())
-        fig = Figure(figsize=(2.6 * len(techs), 2.6))
-        for i, tech in enumerate(techs):
-            ax = fig.add_subplot(1, len(techs), i + 1)
-            g = f[f.technique == tech]
+        panels = sorted(set(zip(f.technique, f.task)))
+        fig = Figure(figsize=(2.6 * len(panels), 2.6))
+        for i, (tech, task) in enumerate(panels):
+            ax = fig.add_subplot(1, len(panels), i + 1)
+            g = f[(f.technique == tech) & (f.task == task)]
             for j, (width, w) in enumerate(sorted(g.groupby("d_model"), key=lambda x: x[0])):
                 w = w.sort_values("n_layers")
                 ax.plot(w.n_layers, w.effect.astype(float), linestyle=styles[j % len(styles)], marker="o",
                         markersize=3, label=f"d_model {width}")
             ax.axhline(0, color="grey", linewidth=0.5)
-            ax.set_title(f"{family} · {tech}", fontsize=8)
+            ax.set_title(f"{family} · {tech} · {task}", fontsize=8)
             ax.set_xlabel("blocks")
             if i == 0:
                 ax.set_ylabel("effect (trained − control)")

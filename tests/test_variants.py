@@ -132,14 +132,18 @@ def test_the_scale_table_flags_a_verdict_that_flips_with_size():
 
     from archbench import report_axes
 
-    rows = [{"technique": "probe", "arch": arch, "verdict": v, "provisional": False, "effect": e, "rho": rho}
-            for arch, v, e, rho in [("transformer", "transfers", 0.8, 1.0),
-                                    ("transformer@d_model=32,n_layers=4", "fails", 0.01, None),
-                                    ("gru", "partial", 0.3, 0.4), ("gru@d_model=128,n_layers=6", "partial", 0.4, 0.5)]]
+    rows = [{"technique": "probe", "task": task, "arch": arch, "verdict": v, "provisional": False, "effect": e,
+             "rho": rho}
+            for arch, task, v, e, rho in [("transformer", "facts", "transfers", 0.8, 1.0),
+                                          ("transformer@d_model=32,n_layers=4", "facts", "fails", 0.01, None),
+                                          ("transformer", "count", "transfers", 0.8, 1.0),  # no scale row on count
+                                          ("gru", "facts", "partial", 0.3, 0.4),
+                                          ("gru@d_model=128,n_layers=6", "facts", "partial", 0.4, 0.5),
+                                          ("mamba@d_model=64,n_layers=6", "facts_long", "partial", 0.4, 0.5)]]
     table = report_axes.scale_table(pd.DataFrame(rows))
-    assert table.header[2:-1] == ["32×4", "64×2", "128×6"]
-    stable = {r[0]: r[-1] for r in table.rows}
-    assert stable == {"transformer": "flips", "gru": "yes"}
+    assert table.header[3:-1] == ["32×4", "64×2", "128×6"]
+    stable = {(r[0], r[1]): r[-1] for r in table.rows}
+    assert stable == {("transformer", "facts"): "flips", ("gru", "facts"): "yes"}  # one size alone is no row
     assert report_axes.size_of("looped") == (64, 4) and report_axes.size_of("reservoir") is None
     assert set(report_axes.scale_figures(pd.DataFrame(rows))) == {"transformer", "gru"}
 
