@@ -70,6 +70,7 @@ def tracing(cells: pd.DataFrame) -> Figure | None:
         ax.set_ylabel("block")
         ax.set_title(f"{arch} · facts_long", fontsize=9)
         fig.colorbar(im, ax=ax, label="IE / TE")
+    fig.subplots_adjust(wspace=0.45)
     return fig
 
 
