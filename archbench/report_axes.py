@@ -64,7 +64,13 @@ def development_frame(cells: pd.DataFrame) -> pd.DataFrame:
             rows.append({"family": base, "technique": tech, "task": task, "stage": stage,
                          "trained": by_seed.mean(), "effect": (by_seed - ctrl.fillna(0.0)).mean(),
                          "accuracy": trained.organism_accuracy.mean(), "n_seeds": len(by_seed)})
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    # the family's own row only where some stage row has the same technique and task
+    staged = frame[frame.stage < 1.0].groupby(["family", "technique", "task"]).size()
+    keep = frame.set_index(["family", "technique", "task"]).index.isin(staged.index)
+    return frame[keep].reset_index(drop=True)
 
 
 def _first(stages: pd.Series, mask: pd.Series):
