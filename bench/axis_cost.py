@@ -58,9 +58,12 @@ def main(argv=None) -> None:
                          "family_train_s": base_train})
     table = pd.DataFrame(rows)
     if not table.empty:
-        table["ratio"] = (table.cell_s + table.train_s) / (table.family_cell_s + table.family_train_s)
+        base = table.family_cell_s + table.family_train_s
+        # rows on a task the family's own row never ran (the findings' 6-block rows on facts_long) have no ratio
+        table["ratio"] = ((table.cell_s + table.train_s) / base).where(base > 0)
         print(table.round(1).to_string(index=False))
         for axis, g in table.groupby("axis"):
+            g = g[g.ratio.notna()]
             print(f"{axis}: {g.cell_s.sum() + g.train_s.sum():.0f} worker-s over {len(g)} families, "
                   f"{(g.cell_s.sum() + g.train_s.sum()) / max(1.0, (g.family_cell_s + g.family_train_s).sum()):.1f}× "
                   "the same cells of the families' own rows (training included); median ratio "
