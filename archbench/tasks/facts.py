@@ -47,18 +47,26 @@ class Facts(Task):
     def __init__(self, n_subjects: int = 16, n_first: int = 4, n_last: int = 4,
                  n_relations: int = 2, n_attributes: int = 8, n_fillers: int = 8,
                  kb_seed: int = 0):
-        if n_subjects > n_first * n_last:
-            raise ValueError(f"facts: {n_subjects} subjects need n_first * n_last >= "
-                             f"{n_subjects}, got {n_first} x {n_last}")
-        if n_subjects < 2 * max(n_first, n_last):
-            raise ValueError(f"facts: every name token must be shared by two subjects, so "
-                             f"n_subjects >= 2 * max(n_first, n_last) = "
-                             f"{2 * max(n_first, n_last)}, got {n_subjects}")
+        self._set_knobs({"n_first": n_first, "n_last": n_last}, n_subjects, n_relations, n_attributes,
+                        n_fillers, kb_seed)
+
+    def _set_knobs(self, name_tokens: dict[str, int], n_subjects: int, n_relations: int, n_attributes: int,
+                   n_fillers: int, kb_seed: int) -> None:
+        """Check and set the knobs (`name_tokens`: the token count of each name part, in
+        order), then draw the knowledge base and check the train split covers every fact."""
+        parts = " x ".join(name_tokens)
+        if n_subjects > int(np.prod(list(name_tokens.values()))):
+            raise ValueError(f"{self.name}: {n_subjects} subjects need {parts.replace(' x ', ' * ')} >= "
+                             f"{n_subjects}, got {' x '.join(map(str, name_tokens.values()))}")
+        if n_subjects < 2 * max(name_tokens.values()):
+            raise ValueError(f"{self.name}: every name token must be shared by two subjects, so "
+                             f"n_subjects >= 2 * max({', '.join(name_tokens)}) = "
+                             f"{2 * max(name_tokens.values())}, got {n_subjects}")
         if n_relations < 1 or n_attributes < 2 or n_fillers < 1:
-            raise ValueError("facts needs n_relations >= 1, n_attributes >= 2, n_fillers >= 1")
+            raise ValueError(f"{self.name} needs n_relations >= 1, n_attributes >= 2, n_fillers >= 1")
         self.n_subjects = int(n_subjects)
-        self.n_first = int(n_first)
-        self.n_last = int(n_last)
+        for knob, count in name_tokens.items():
+            setattr(self, knob, int(count))
         self.n_relations = int(n_relations)
         self.n_attributes = int(n_attributes)
         self.n_fillers = int(n_fillers)

@@ -52,24 +52,8 @@ class FactsLong(Facts):
 
     def __init__(self, n_subjects: int = 16, n_first: int = 4, n_middle: int = 4, n_last: int = 4,
                  n_relations: int = 2, n_attributes: int = 8, n_fillers: int = 8, kb_seed: int = 0):
-        if n_subjects > n_first * n_middle * n_last:
-            raise ValueError(f"facts_long: {n_subjects} subjects need n_first * n_middle * n_last >= "
-                             f"{n_subjects}, got {n_first} x {n_middle} x {n_last}")
-        if n_subjects < 2 * max(n_first, n_middle, n_last):
-            raise ValueError(f"facts_long: every name token must be shared by two subjects, so "
-                             f"n_subjects >= {2 * max(n_first, n_middle, n_last)}, got {n_subjects}")
-        if n_relations < 1 or n_attributes < 2 or n_fillers < 1:
-            raise ValueError("facts_long needs n_relations >= 1, n_attributes >= 2, n_fillers >= 1")
-        self.n_subjects = int(n_subjects)
-        self.n_first = int(n_first)
-        self.n_middle = int(n_middle)
-        self.n_last = int(n_last)
-        self.n_relations = int(n_relations)
-        self.n_attributes = int(n_attributes)
-        self.n_fillers = int(n_fillers)
-        self.kb_seed = int(kb_seed)
-        self._build_kb()
-        self._check_train_covers_facts()
+        self._set_knobs({"n_first": n_first, "n_middle": n_middle, "n_last": n_last}, n_subjects, n_relations,
+                        n_attributes, n_fillers, kb_seed)
 
     # --- token layout (facts' first0, relation0, attribute0 and vocab_size follow) ---------
     @property
