@@ -136,7 +136,7 @@ def figure_captions(names) -> dict[str, list[tuple[str, str]]]:
             axis, family = name[:-len(".png")].split("_", 1)
             out.setdefault(axis, []).append(
                 (name, f"{family}: trained score by fraction of training, held-out accuracy dashed"
-                 if axis == "development" else f"{family}: pooled effect by depth, one line per width"))
+                 if axis == "development" else f"{family}: effect (trained − control) by depth on each task, one line per width"))
         elif name.startswith("depth_"):
             tech = name[len("depth_"):-len(".png")]
             out.setdefault(f"task-{tech}", []).append(
