@@ -165,17 +165,16 @@ def _pykan(cells: pd.DataFrame, organisms: pd.DataFrame) -> Measurement:
 
 
 def mqar_accuracy(organisms: pd.DataFrame) -> pd.DataFrame:
-    """(arch, pairs, seed) -> held-out accuracy of the mqar organisms in the store."""
+    """(arch, pairs, seed) -> held-out accuracy of the findings' mqar organisms in the store."""
+    columns = ["arch", "pairs", "seed", "accuracy", "task"]
+    mqar = organisms[organisms.task == "mqar"] if len(organisms) else organisms
     rows = []
-    for pairs in MQAR_PAIRS:
-        task = mqar_task(pairs)
-        meta_task = organisms.meta.map(lambda m: _task_config(m).get("n_pairs")) if len(organisms) else []
-        vocab = organisms.meta.map(lambda m: _task_config(m).get("n_keys")) if len(organisms) else []
-        sel = organisms[(organisms.task == "mqar") & (np.asarray(meta_task) == pairs)
-                        & (np.asarray(vocab) == MQAR_VOCAB)] if len(organisms) else organisms
-        for r in sel.itertuples():
-            rows.append({"arch": r.arch, "pairs": pairs, "seed": r.seed, "accuracy": r.accuracy, "task": task})
-    return pd.DataFrame(rows, columns=["arch", "pairs", "seed", "accuracy", "task"])
+    for r in mqar.itertuples():
+        config = _task_config(r.meta)
+        if config.get("n_pairs") in MQAR_PAIRS and config.get("n_keys") == MQAR_VOCAB:
+            rows.append({"arch": r.arch, "pairs": config["n_pairs"], "seed": r.seed, "accuracy": r.accuracy,
+                         "task": mqar_task(config["n_pairs"])})
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _task_config(meta) -> dict:

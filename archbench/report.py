@@ -202,10 +202,11 @@ def render_files(d: ReportData, formats=FORMATS) -> dict[str, bytes]:
 
     tabs = build_tables(d)
     lines = intro(settings, d.cells)
-    main = main_rows(d)
-    fig_formats = figs.FORMATS if "png" in formats else ("png",)
-    drawn = figs.render(main.cells, main.summary, settings, fig_formats) if {"png", "html"} & set(formats) else {}
+    drawn: dict[str, bytes] = {}
     if {"png", "html"} & set(formats):
+        main = main_rows(d)
+        fig_formats = figs.FORMATS if "png" in formats else ("png",)
+        drawn = figs.render(main.cells, main.summary, settings, fig_formats)
         axis_figs = {f"development_{k}": f for k, f in report_axes.development_figures(d.cells).items()}
         axis_figs |= {f"scale_{k}": f for k, f in report_axes.scale_figures(d.verdicts).items()}
         axis_figs |= findings_figures.render(d.cells, d.organisms)
